@@ -1,0 +1,1 @@
+"""Calibration and evaluation data, activation statistics and range estimators."""

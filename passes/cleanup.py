@@ -1,0 +1,160 @@
+"""Cleanup passes, delegated to onnxscript's optimizer/rewriter and onnx_ir's common passes.
+
+All are exact: outputs must match their input within 1e-4 relative (checked by the runner).
+  fold_constants   f(consts) -> const: evaluate subgraphs whose inputs are all constant; Constant -> initializer
+  fold_batchnorm   W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta
+  remove_identity  Identity(x) -> x; Dropout(x, training=False) -> x
+  eliminate_dead   drop nodes whose outputs reach no graph output
+  infer_shapes     annotate value_info with ONNX shape inference
+  cleanup          all of the above, in that order
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import onnx
+
+from passes.base import PassContext, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+
+
+def _ir():
+    import onnx_ir as ir
+
+    return ir
+
+
+def _to_ir(model: onnx.ModelProto):
+    return _ir().serde.deserialize_model(model)
+
+
+def _to_proto(irm) -> onnx.ModelProto:
+    return _ir().serde.serialize_model(irm)
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _delta(before: Counter, after: Counter) -> dict:
+    return {op: after.get(op, 0) - before.get(op, 0) for op in sorted(set(before) | set(after))
+            if after.get(op, 0) != before.get(op, 0)}
+
+
+def _result(before: onnx.ModelProto, after: onnx.ModelProto, **extra) -> PassResult:
+    b, a = _ops(before), _ops(after)
+    stats = {"nodes_before": sum(b.values()), "nodes_after": sum(a.values()), "op_delta": _delta(b, a), **extra}
+    return PassResult(after, modified=stats["nodes_before"] != stats["nodes_after"] or bool(stats["op_delta"]), stats=stats)
+
+
+def _lift_and_fold(irm):
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+    from onnxscript.optimizer import fold_constants
+
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(irm)
+    fold_constants(irm, onnx_shape_inference=False, input_size_limit=1 << 22, output_size_limit=1 << 24)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(irm)
+
+
+def _dead(irm):
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+    RemoveUnusedNodesPass()(irm)
+    TopologicalSortPass()(irm)
+
+
+def _identity(irm):
+    from onnx_ir.passes.common import IdentityEliminationPass
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.rules.common import dropout_inference_rule, dropout_zero_rule
+
+    rewrite(irm, [dropout_inference_rule, dropout_zero_rule])
+    IdentityEliminationPass()(irm)
+
+
+def _bn(irm):
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.rules.common import (
+        fuse_batchnorm_into_conv_rule,
+        fuse_batchnorm_into_conv_transpose_rule,
+        fuse_batchnorm_into_gemm_rule,
+    )
+
+    rewrite(irm, [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule])
+
+
+def _apply(model: onnx.ModelProto, *steps) -> onnx.ModelProto:
+    irm = _to_ir(model)
+    for s in steps:
+        s(irm)
+    out = _to_proto(irm)
+    return out
+
+
+@register_pass("fold_constants", exact=True)
+def fold_constants(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
+    """f(consts) -> const: evaluate constant subgraphs (onnxscript optimizer); Constant nodes become initializers."""
+    return _result(model, _apply(model, _lift_and_fold, _dead))
+
+
+@register_pass("fold_batchnorm", exact=True)
+def fold_batchnorm(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
+    """W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta (onnxscript rules)."""
+    out = _apply(model, _lift_and_fold, _bn, _dead)
+    res = _result(model, out)
+    left = sum(1 for n in out.graph.node if n.op_type == "BatchNormalization")
+    res.stats["batchnorm_left"] = left
+    if left:
+        res.stats["batchnorm_left_reason"] = "not preceded by a single-consumer Conv/ConvTranspose/Gemm with constant weights"
+    return res
+
+
+@register_pass("remove_identity", exact=True)
+def remove_identity(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
+    """Identity(x) -> x and Dropout(x, training=False) -> x."""
+    return _result(model, _apply(model, _identity, _dead))
+
+
+@register_pass("eliminate_dead", exact=True)
+def eliminate_dead(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
+    """Remove nodes none of whose outputs reach a graph output; topologically sort."""
+    return _result(model, _apply(model, _dead))
+
+
+@register_pass("infer_shapes", exact=True)
+def infer_shapes(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
+    """value_info := ONNX shape inference (data propagation on)."""
+    del model.graph.value_info[:]
+    out = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return PassResult(out, modified=True, stats={"value_infos": len(out.graph.value_info)})
+
+
+@dataclass(frozen=True)
+class CleanupOptions:
+    fold_constants: bool = True
+    fold_batchnorm: bool = True
+    remove_identity: bool = True
+
+
+@register_pass("cleanup", options=CleanupOptions, exact=True)
+def cleanup(model: onnx.ModelProto, ctx: PassContext, opts: CleanupOptions) -> PassResult:
+    """fold constants, fold BatchNorm (W' = W*gamma/sqrt(var+eps)), remove Identity/Dropout, drop dead nodes, infer shapes."""
+    steps = []
+    if opts.fold_constants:
+        steps.append(_lift_and_fold)
+    if opts.fold_batchnorm:
+        steps.append(_bn)
+    if opts.remove_identity:
+        steps.append(_identity)
+    steps.append(_dead)
+    if opts.fold_constants:
+        steps += [_lift_and_fold, _dead]
+    out = _apply(model, *steps)
+    del out.graph.value_info[:]
+    out = onnx.shape_inference.infer_shapes(out, data_prop=True)
+    res = _result(model, out)
+    res.stats["batchnorm_left"] = sum(1 for n in out.graph.node if n.op_type == "BatchNormalization")
+    return res

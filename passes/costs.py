@@ -1,0 +1,103 @@
+"""Compute accounting from the ONNX graph itself (same for every input kind).
+
+MACs(Conv)          = prod(Y.shape) * (C_in / group) * prod(kernel)
+MACs(ConvTranspose) = prod(X.shape) * (C_out / group) * prod(kernel)
+MACs(Gemm/MatMul)   = prod(Y.shape) * K
+params              = number of elements of all floating-point initializers (and Constant tensors)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+_WEIGHT_TYPES = _FLOAT_TYPES | {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
+                                onnx.TensorProto.UINT4}
+
+
+@dataclass
+class Costs:
+    macs: int
+    params: int
+    per_node: dict[str, int]
+
+    def as_dict(self):
+        return {"macs": int(self.macs), "params": int(self.params)}
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    out = {}
+    g = inferred.graph
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            out[vi.name] = dims
+    for init in g.initializer:
+        out[init.name] = tuple(init.dims)
+    return out
+
+
+def _prod(s) -> int:
+    return int(np.prod([max(d, 1) for d in s])) if s else 1
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    n = 0
+    for init in model.graph.initializer:
+        if init.data_type in _WEIGHT_TYPES and len(init.dims) >= 1:
+            n += _prod(init.dims)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in _FLOAT_TYPES and len(a.t.dims) >= 1:
+                    n += _prod(a.t.dims)
+    return n
+
+
+def count_costs(model: onnx.ModelProto) -> Costs:
+    shapes = _shapes(model)
+    per = {}
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        op = node.op_type
+        macs = 0
+        if op in ("Conv", "ConvInteger", "QLinearConv"):
+            w_idx = 3 if op == "QLinearConv" else 1
+            w = shapes.get(node.input[w_idx])
+            y = shapes.get(node.output[0])
+            if w and y and -1 not in y:
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                macs = _prod(y) * (w[1]) * _prod(w[2:])
+                del group  # C_in/group == w[1]
+        elif op == "ConvTranspose":
+            w = shapes.get(node.input[1])
+            x = shapes.get(node.input[0])
+            if w and x and -1 not in x:
+                macs = _prod(x) * w[1] * _prod(w[2:])
+        elif op in ("Gemm", "MatMul", "MatMulInteger", "QGemm", "QLinearMatMul", "MatMulNBits"):
+            a_idx = 0
+            a = shapes.get(node.input[a_idx])
+            y = shapes.get(node.output[0])
+            if a and y and -1 not in y and len(a) >= 1:
+                trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+                k = a[0] if (op == "Gemm" and trans_a) else a[-1]
+                macs = _prod(y) * max(k, 1)
+        if macs:
+            per[name] = int(macs)
+    return Costs(macs=sum(per.values()), params=count_params(model), per_node=per)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init) if init.data_type != onnx.TensorProto.INT4 else None
+        total += arr.nbytes if arr is not None else (_prod(init.dims) + 1) // 2
+    return total

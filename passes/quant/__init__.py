@@ -1,0 +1,1 @@
+"""Mixed-bit quantization: Q/DQ insertion by a target-supplied dialect, sensitivity, bit allocation."""

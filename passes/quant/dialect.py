@@ -1,0 +1,41 @@
+"""The quantization dialect a target hands to the quantizer (policy); the Q/DQ pass is the mechanism.
+
+ORT_CPU:  activations uint8 asymmetric per-tensor; weights int8 symmetric per-channel (zero-point 0).
+TENSORRT: activations int8 symmetric per-tensor (zero-point 0); weights int8 symmetric per-channel;
+          Q/DQ on residual Add inputs so TensorRT can fuse; int4 weight-only (block-wise) on Gemm/MatMul only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QuantDialect:
+    name: str
+    activation_dtype: str = "uint8"          # "uint8" | "int8"
+    activation_symmetric: bool = False
+    weight_dtype: str = "int8"
+    weight_per_channel: bool = True
+    weight_symmetric: bool = True
+    int4_ops: tuple[str, ...] = ("Gemm", "MatMul")  # ops allowed int4 weight-only
+    int4_block_size: int = 32
+    int4_conv: bool = False                   # int4 weight-only on Conv (size only on ORT CPU)
+    qdq_on_residual_add: bool = False
+    allowed_bits: tuple[int, ...] = (32, 16, 8, 4)
+    opset: int = 21
+    channel_align: int = 8
+
+    def __post_init__(self):
+        if self.activation_dtype not in ("uint8", "int8"):
+            raise ValueError(f"activation_dtype must be uint8 or int8, got {self.activation_dtype}")
+        if self.activation_dtype == "uint8" and self.activation_symmetric:
+            raise ValueError("uint8 activations are asymmetric")
+        if self.int4_block_size <= 0 or self.int4_block_size % 2:
+            raise ValueError("int4_block_size must be a positive even number")
+
+
+ORT_CPU = QuantDialect(name="ort_cpu", activation_dtype="uint8", activation_symmetric=False,
+                       int4_conv=True, allowed_bits=(32, 8, 4, 3, 2), opset=21, channel_align=8)
+TENSORRT = QuantDialect(name="tensorrt", activation_dtype="int8", activation_symmetric=True,
+                        int4_conv=False, qdq_on_residual_add=True, allowed_bits=(32, 16, 8, 4),
+                        opset=21, channel_align=8)
