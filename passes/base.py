@@ -39,6 +39,7 @@ class PassContext:
     cache_dir: where passes may cache measurements (sensitivities, latency tables).
     progress: progress(msg) for long steps.
     latency_probe: optional callable(model) -> median ms at batch 1 on the target (for latency budgets).
+    target_probe: optional object from the target offering measured costs (per-layer latency tables).
     """
 
     calib_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
@@ -52,6 +53,7 @@ class PassContext:
     threads: int = 1
     progress: Callable[[str], None] = lambda msg: log.info(msg)
     latency_probe: Callable[[onnx.ModelProto], float] | None = None
+    target_probe: Any = None  # target-provided measurements (e.g. per-layer latency tables); see targets/
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator derived from the run seed and a per-use salt, so every random choice flows from --seed."""
