@@ -1,0 +1,165 @@
+"""edgec command line. Thin: it maps arguments onto pipeline.compile.CompileOptions, the API tests call."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from pipeline.errors import EdgecError
+
+EPILOG = """\
+examples:
+  python -m pipeline compile                                   # EfficientNet-Lite0 -> ORT CPU, recipe 'default'
+  python -m pipeline compile --model torchvision:resnet18 --recipe cleanup --out out/r18
+  python -m pipeline compile --model my.onnx --input-shape images:1x3x640x640 --recipe prune \\
+                             --set prune.target_macs=0.7 --set prune.criterion=taylor
+  python -m pipeline compile --model mypkg.models:build --weights w.pth --data imgs/ --target jetson
+  python -m pipeline passes                                    # list passes with their options
+  python -m pipeline recipes                                   # list shipped recipes
+
+model specs:  efficientnet_lite0 | torchvision:<name> | package.module:factory | path/to/model.onnx
+data:         bundled (sample photos, disjoint calib/eval photographs) | synthetic | DIR (ImageFolder) | x.npy | x.npz
+outputs:      OUT/model.onnx (final graph), OUT/report.json (+ report.md, manifest.json, target files)
+exit codes:   0 ok, 2 bad input, 3 a pass broke a check, 1 internal error (rerun with --debug)
+"""
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(","))
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{s}'") from None
+
+
+def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_default: int):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="efficientnet_lite0", help="model spec (default: efficientnet_lite0)")
+    g.add_argument("--weights", help="state-dict .pth for torchvision:/factory models (loaded with weights_only=True)")
+    g.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3xHxW",
+                   help="concrete input shape (repeatable); fixes symbolic dims of ONNX inputs")
+    g.add_argument("--dynamic-batch", action="store_true", help="export torch models with a dynamic batch axis")
+    g = p.add_argument_group("compile")
+    g.add_argument("--target", default="ort", help="ort | tensorrt | jetson (default: ort)")
+    g.add_argument("--recipe", default="default", help="shipped recipe name, a .yaml path, or inline YAML (default: default)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE",
+                   help="override a recipe option, e.g. --set prune.target_macs=0.7 (repeatable)")
+    g.add_argument("--out", help="output directory (default: out/<model>-<target>-<recipe>)")
+    g.add_argument("--seed", type=int, default=0, help="the one seed every random choice flows from (default: 0)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="calibration/eval data: bundled | synthetic | DIR | .npy | .npz (default: bundled)")
+    g.add_argument("--calib-samples", type=int, default=64)
+    g.add_argument("--eval-samples", type=int, default=128)
+    g.add_argument("--mean", type=_floats, help="preprocessing mean, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=_floats, help="preprocessing std")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"])
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--threads", type=_ints, default=(1, 2), help="intra-op threads to time, e.g. 1,2 (default)")
+    g.add_argument("--warmup", type=int, default=20, help="warm-up runs per model (>= 20)")
+    g.add_argument("--runs", type=int, default=runs_default, help=f"timed runs per model (>= 200, default {runs_default})")
+    g.add_argument("--no-bench", dest="bench", action="store_false", default=bench_default, help="skip latency/memory")
+    g.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process peak-RSS probe")
+    g.add_argument("--opt-level", default="all", choices=["disable", "basic", "extended", "all"],
+                   help="ORT graph optimization level for the emitted engine and timing (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description="edgec: compile a trained network for an edge target "
+                                "(ONNX cleanup, structured channel removal, mixed-bit quantization; ORT / TensorRT / Jetson).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    c = sub.add_parser("compile", help="compile a model for a target and write OUT/ with a report",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_compile_args(c, bench_default=True, runs_default=200)
+    b = sub.add_parser("bench", help="compile (if needed) and benchmark against the original, interleaved",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_compile_args(b, bench_default=True, runs_default=500)
+    sub.add_parser("passes", help="list passes, their rule and options")
+    sub.add_parser("recipes", help="list shipped recipes")
+    return p
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    t0 = time.perf_counter()
+
+    class Fmt(logging.Formatter):
+        def format(self, record):
+            return f"[{time.perf_counter() - t0:7.1f}s] {record.getMessage()}"
+
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(Fmt())
+    root = logging.getLogger()
+    root.handlers[:] = [h]
+    root.setLevel(logging.WARNING if quiet else (logging.DEBUG if debug else logging.INFO))
+    for noisy in ("onnxscript", "onnx_ir", "matplotlib", "PIL", "torch", "onnx2torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_passes() -> int:
+    import dataclasses
+
+    from passes.base import list_passes
+
+    for name, spec in list_passes().items():
+        print(f"{name}{' (exact)' if spec.exact else ''}: {spec.doc}")
+        for f in dataclasses.fields(spec.options):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            print(f"    {name}.{f.name} = {default!r}")
+    return 0
+
+
+def _cmd_recipes() -> int:
+    from pipeline.recipe import available, load_recipe
+
+    for r in available():
+        rec = load_recipe(r)
+        print(f"{r}: {rec.description}\n    " + " -> ".join(s.name for s in rec.steps))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet, args.debug)
+    try:
+        if args.cmd == "passes":
+            return _cmd_passes()
+        if args.cmd == "recipes":
+            return _cmd_recipes()
+        from pipeline.compile import CompileOptions, command_line, compile_model
+        from pipeline.report import summary_table
+
+        opts = CompileOptions(model=args.model, target=args.target, recipe=args.recipe, out=args.out,
+                              overrides=args.overrides, input_shapes=args.input_shape, weights=args.weights,
+                              data=args.data, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
+                              threads=tuple(args.threads), seed=args.seed, bench=args.bench, memory=args.memory,
+                              warmup=args.warmup, runs=args.runs, opt_level=args.opt_level,
+                              dynamic_batch=args.dynamic_batch, mean=args.mean, std=args.std, layout=args.layout,
+                              command=command_line())
+        report = compile_model(opts)
+        print(summary_table(report))
+        print(f"  report: {report['out']}/report.md  ({report['out']}/report.json)")
+        return 0
+    except EdgecError as e:
+        print(f"edgec: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal bug: still one line unless --debug
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"edgec: internal error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The public compile API: source -> ONNX -> recipe passes (verified) -> target build -> bench -> report.
+
+Everything is written into a temporary directory beside `out` and renamed into place only when complete,
+so a failed run never leaves something that looks like a finished artifact (and a previous artifact survives).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from calib.data import InputInfo, Preprocess, load_splits
+from passes.base import PassContext
+from passes.costs import count_costs
+from pipeline import report as rep
+from pipeline.errors import EdgecError
+from pipeline.fidelity import Comparator
+from pipeline.importer import fix_input_shapes, load_onnx_file, parse_shapes
+from pipeline.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
+from pipeline.recipe import load_recipe
+from pipeline.runner import run_recipe, verify
+from pipeline.sources import OnnxSource, TorchSource, resolve
+from targets.base import BuildContext, get_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileOptions:
+    model: str = "efficientnet_lite0"
+    target: str = "ort"
+    recipe: str = "default"
+    out: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    input_shapes: list[str] = field(default_factory=list)
+    weights: str | None = None
+    data: str | None = None
+    calib_samples: int = 64
+    eval_samples: int = 128
+    threads: tuple[int, ...] = (1, 2)
+    seed: int = 0
+    bench: bool = True
+    memory: bool = True
+    warmup: int = 20
+    runs: int = 200
+    opt_level: str = "all"
+    dynamic_batch: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    layout: str | None = None
+    cache_dir: str | None = None
+    command: str = ""
+
+    def __post_init__(self):
+        if not self.threads or any(t < 1 for t in self.threads):
+            raise EdgecError("--threads must list positive integers, e.g. 1,2")
+        if self.warmup < 20 or self.runs < 200:
+            raise EdgecError("benchmarks need at least 20 warm-up and 200 timed runs")
+        if self.calib_samples < 1 or self.eval_samples < 1:
+            raise EdgecError("--calib-samples and --eval-samples must be >= 1")
+
+
+def default_out(opts: CompileOptions, model_name: str) -> Path:
+    rname = Path(opts.recipe).stem if opts.recipe.endswith((".yaml", ".yml")) else (opts.recipe if opts.recipe.isidentifier() else "inline")
+    return Path("out") / f"{model_name}-{opts.target}-{rname}"
+
+
+def _inputs(model: onnx.ModelProto) -> list[InputInfo]:
+    names = set(graph_input_names(model))
+    out = []
+    for i in model.graph.input:
+        if i.name in names:
+            t = i.type.tensor_type
+            out.append(InputInfo(i.name, tuple(d.dim_value for d in t.shape.dim), np_dtype(t.elem_type)))
+    return out
+
+
+def _progress(msg: str) -> None:
+    log.info(msg)
+
+
+def load_source(opts: CompileOptions):
+    """Resolve --model into (name, onnx model, torch module or None, preprocess, description, export info)."""
+    shapes = parse_shapes(opts.input_shapes)
+    pre_kw = {}
+    src = resolve(opts.model, weights=opts.weights, input_shape=next(iter(shapes.values()), None) if shapes and isinstance(opts.model, str) and not opts.model.endswith(".onnx") else None)
+    pre = src.preprocess
+    if opts.mean or opts.std or opts.layout:
+        pre_kw = dict(height=pre.height, width=pre.width, mean=tuple(opts.mean or pre.mean), std=tuple(opts.std or pre.std),
+                      scale=pre.scale, layout=opts.layout or pre.layout)
+        try:
+            pre = Preprocess(**pre_kw)
+        except ValueError as e:
+            raise EdgecError(f"bad preprocessing: {e}") from None
+    if isinstance(src, TorchSource):
+        from pipeline.export import export_torch
+
+        _progress(f"exporting {src.name} to ONNX")
+        model, info = export_torch(src.module, src.input_shape, dynamic_batch=opts.dynamic_batch, seed=opts.seed)
+        if opts.dynamic_batch:
+            model = fix_input_shapes(model, {"input": src.input_shape})
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in src.module.state_dict().values()
+                                         if hasattr(p, "numpy"))).hexdigest()
+        return src.name, model, src.module, pre, src.description, {"export": info, "input_sha256": digest}
+    assert isinstance(src, OnnxSource)
+    model = load_onnx_file(src.path)
+    model = fix_input_shapes(model, shapes)
+    return src.name, model, None, pre, src.description, {"input_sha256": rep.sha256_file(src.path)}
+
+
+def compile_model(opts: CompileOptions) -> dict:
+    t_start = time.perf_counter()
+    target = get_target(opts.target)
+    recipe = load_recipe(opts.recipe, opts.overrides)  # validate before any heavy work
+    name, model, torch_module, pre, desc, src_info = load_source(opts)
+    out = Path(opts.out) if opts.out else default_out(opts, name)
+    inputs = _inputs(model)
+    if not inputs:
+        raise EdgecError("the model has no graph inputs")
+    calib, evals = load_splits(opts.data, inputs, pre, n_calib=opts.calib_samples, n_eval=opts.eval_samples, seed=opts.seed)
+    # The original graph must itself be valid and runnable.
+    verify(model, [calib.feeds(0)], stage="import", ran=())
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
+    probe = getattr(target, "make_probe", None)
+    ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), calib_labels=calib.labels, reference_model=reference,
+                      torch_model=torch_module, quant_dialect=target.DIALECT, seed=opts.seed, cache_dir=cache_dir,
+                      threads=opts.threads[0], progress=_progress,
+                      target_probe=probe(opts.threads[0]) if probe else None)
+    _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
+    result = run_recipe(model, recipe, ctx)
+    final = result.model
+    bctx = BuildContext(model_name=name, recipe=recipe, reference_model=reference, eval_split=evals, calib_split=calib,
+                        threads=tuple(opts.threads), seed=opts.seed, warmup=opts.warmup, runs=opts.runs, opt_level=opts.opt_level)
+    with staged_dir(out) as tmp:
+        final_bytes = save_onnx(final, tmp / "model.onnx")
+        ref_bytes = len(model_bytes(reference))
+        build = target.build(final, tmp, bctx)
+        _progress("measuring fidelity on the held-out split")
+        fidelity = measure_fidelity(tmp / "model.onnx", reference, evals, opt_level=opts.opt_level)
+        bench = run_bench(target, tmp, reference, bctx, opts) if opts.bench else {"skipped": "benchmark disabled (--no-bench)"}
+        report = {
+            "schema_version": rep.SCHEMA_VERSION,
+            "versions": rep.tool_versions(),
+            "model": {"name": name, "source": desc, "spec": opts.model,
+                      "inputs": {i.name: list(i.shape) for i in inputs},
+                      "outputs": [o.name for o in final.graph.output], **src_info},
+            "target": opts.target,
+            "recipe": {**recipe.to_dict(), "yaml": recipe.to_yaml()},
+            "seed": opts.seed,
+            "data": {"calib_samples": len(calib), "eval_samples": len(evals), "description": calib.description,
+                     "eval_description": evals.description, "disjoint": True,
+                     "labels": calib.labels is not None},
+            "passes": [s.as_dict() for s in result.stages],
+            "costs": {"original": {**count_costs(reference).as_dict(), "model_bytes": ref_bytes},
+                      "final": {**count_costs(final).as_dict(), "model_bytes": final_bytes}},
+            "bench": bench,
+            "fidelity": fidelity,
+            "target_build": {k: v for k, v in build.items() if k != "artifacts"},
+            "artifacts": sorted(set(build.get("artifacts", [])) | {"model.onnx", "report.json", "report.md", "manifest.json"}),
+            "command": opts.command or "edgec compile",
+            "seconds": round(time.perf_counter() - t_start, 2),
+        }
+        rep.validate(report)
+        rep.write_json(tmp / "report.json", report)
+        (tmp / "report.recipe.yaml").write_text(recipe.to_yaml())
+        md = rep.render_markdown(report)
+        (tmp / "report.md").write_text(md)
+        manifest = {"edgec_version": rep.EDGEC_VERSION, "model": opts.model, "target": opts.target,
+                    "recipe": recipe.to_dict(), "seed": opts.seed, "input_sha256": src_info.get("input_sha256"),
+                    "versions": rep.tool_versions(), "command": opts.command,
+                    "files": {p.name: rep.sha256_file(p) for p in sorted(tmp.iterdir())
+                              if p.is_file() and p.name not in ("manifest.json", "report.json", "report.md")}}
+        rep.write_json(tmp / "manifest.json", manifest)
+    report["out"] = str(out)
+    return report
+
+
+def measure_fidelity(model_path: Path, reference: onnx.ModelProto, evals, *, opt_level: str = "all") -> dict:
+    cand = ort_session(str(model_path), threads=2, level=opt_level)
+    ref = ort_session(reference, threads=2, level="all")
+    names = [o.name for o in reference.graph.output]
+    comp = Comparator(names)
+    for i, f in enumerate(evals.iter_feeds()):
+        lab = None if evals.labels is None else np.asarray([evals.labels[i]])
+        comp.update(cand.run(None, f), ref.run(None, f), lab)
+    return comp.result()
+
+
+def run_bench(target, outdir: Path, reference: onnx.ModelProto, bctx: BuildContext, opts: CompileOptions) -> dict:
+    tb = getattr(target, "bench", None)
+    if tb is not None:
+        return tb(outdir, bctx)
+    from targets.bench import latency_interleaved, peak_rss
+
+    feeds = bctx.eval_split.feeds(0)
+    lat = {}
+    for t in opts.threads:
+        _progress(f"timing original vs compiled, {t} thread(s): {opts.warmup} warm-up + {opts.runs} runs each, interleaved")
+        lat[str(t)] = latency_interleaved({"original": reference, "compiled": str(outdir / "model.onnx")}, feeds,
+                                          threads=t, warmup=opts.warmup, runs=opts.runs, opt_level=opts.opt_level)
+    mem = {}
+    if opts.memory:
+        _progress("measuring peak RSS in fresh processes")
+        ref_path = outdir / ".reference.onnx"
+        save_onnx(reference, ref_path)
+        try:
+            mem["original"] = peak_rss(ref_path, feeds, threads=opts.threads[0])
+            mem["compiled"] = peak_rss(outdir / "model.onnx", feeds, threads=opts.threads[0])
+        finally:
+            ref_path.unlink(missing_ok=True)
+    return {"latency": lat, "memory": mem,
+            "latency_protocol": f"batch 1, ORT CPU, graph optimization '{opts.opt_level}', {opts.warmup} warm-up + "
+                                f"{opts.runs} timed runs per model, original and compiled interleaved in one process",
+            "host": _host()}
+
+
+def _host() -> dict:
+    import os
+    import platform
+
+    return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()}
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "pipeline", *sys.argv[1:]])

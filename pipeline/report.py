@@ -1,0 +1,155 @@
+"""Reports: report.json (versioned schema), report.md (readable tables), manifest.json (hashes, versions, command).
+
+report.json embeds the recipe, so any result can be reproduced from its report alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+from pipeline.onnx_io import atomic_write
+
+SCHEMA_VERSION = "1.0"
+EDGEC_VERSION = "0.1.0"
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
+
+
+def tool_versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    v = {"edgec": EDGEC_VERSION, "python": platform.python_version(), "onnx": onnx.__version__,
+         "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    try:
+        import torch
+
+        v["torch"] = torch.__version__
+    except ImportError:
+        pass
+    try:
+        import onnxscript
+
+        v["onnxscript"] = onnxscript.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def validate(report: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
+        f.write("\n")
+
+
+def _jsonable(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _fmt(x, nd=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _mb(b):
+    return f"{b / 1e6:.2f} MB" if b is not None else "-"
+
+
+def render_markdown(r: dict) -> str:
+    L = [f"# edgec report: {r['model']['name']} -> {r['target']} ({r['recipe']['name']})", ""]
+    L += [f"- source: {r['model']['source']}", f"- input: {r['model']['inputs']}",
+          f"- data: calib {r['data']['calib_samples']} / eval {r['data']['eval_samples']} samples ({r['data']['description']})",
+          f"- seed: {r['seed']}", ""]
+    c0, c1 = r["costs"]["original"], r["costs"]["final"]
+    L += ["## Compute and size", "", "| | original | final | ratio |", "|---|---|---|---|"]
+    L += [f"| MACs | {c0['macs']:,} | {c1['macs']:,} | {c1['macs'] / max(c0['macs'], 1):.3f} |",
+          f"| params | {c0['params']:,} | {c1['params']:,} | {c1['params'] / max(c0['params'], 1):.3f} |",
+          f"| model bytes | {c0['model_bytes']:,} | {c1['model_bytes']:,} | {c1['model_bytes'] / max(c0['model_bytes'], 1):.3f} |", ""]
+    b = r.get("bench") or {}
+    if b.get("latency"):
+        L += ["## Latency (batch 1, interleaved, ms)", "",
+              "| threads | model | median | p90 | p99 | mean | speedup vs original |", "|---|---|---|---|---|---|---|"]
+        for t, d in b["latency"].items():
+            for k in ("original", "compiled"):
+                if k in d:
+                    x = d[k]
+                    L.append(f"| {t} | {k} | {x['median_ms']:.3f} | {x['p90_ms']:.3f} | {x['p99_ms']:.3f} | {x['mean_ms']:.3f} | {x.get('speedup_vs_original', 1.0):.2f}x |")
+        L.append(f"\n{b.get('latency_protocol', '')}\n")
+    if b.get("memory"):
+        L += ["## Memory", "", "| model | peak RSS | minus empty process | model bytes |", "|---|---|---|---|"]
+        for k, m in b["memory"].items():
+            L.append(f"| {k} | {_mb(m['peak_rss_bytes'])} | {_mb(m['peak_rss_delta_bytes'])} | {m['model_bytes']:,} |")
+        L.append("")
+    if b.get("skipped"):
+        L += [f"Benchmark: {b['skipped']}", ""]
+    f = r.get("fidelity") or {}
+    if f:
+        s = f.get("summary", {})
+        L += ["## Fidelity vs original FP32 (held-out eval split)", ""]
+        L += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v, 4)} |" for k, v in s.items()] + [""]
+        per = f.get("per_output", {})
+        if len(per) > 0:
+            L += ["| output | cosine | rel L2 | max abs | top-1 agr. |", "|---|---|---|---|---|"]
+            for n, p in per.items():
+                L.append(f"| {n} | {p['cosine']:.5f} | {p['rel_l2']:.2e} | {p['max_abs']:.3e} | {_fmt(p.get('top1_agreement'))} |")
+            L.append("")
+    L += ["## Passes", "", "| pass | exact | seconds | err vs prev | top-1 vs orig (verify set) | MACs | nodes |", "|---|---|---|---|---|---|---|"]
+    for s in r["passes"]:
+        L.append(f"| {s['name']} | {s['exact']} | {s['seconds']:.2f} | {s['error_vs_previous']:.2e} | "
+                 f"{_fmt(s['fidelity_vs_original'].get('top1_agreement'))} | {s['costs']['macs']:,} | {s['nodes']} |")
+    L += ["", "## Recipe (reproduce with `--recipe report.recipe.yaml`)", "", "```yaml", r["recipe"]["yaml"].rstrip(), "```", ""]
+    L += ["## Command", "", "```", r["command"], "```", ""]
+    return "\n".join(L)
+
+
+def summary_table(r: dict) -> str:
+    """The compact table `make` prints."""
+    c0, c1 = r["costs"]["original"], r["costs"]["final"]
+    rows = [("model", r["model"]["name"]), ("target / recipe", f"{r['target']} / {r['recipe']['name']}"),
+            ("MACs", f"{c1['macs'] / 1e6:.1f} M (x{c1['macs'] / max(c0['macs'], 1):.3f})"),
+            ("params", f"{c1['params'] / 1e6:.3f} M (x{c1['params'] / max(c0['params'], 1):.3f})"),
+            ("model bytes", f"{c1['model_bytes']:,} (x{c1['model_bytes'] / max(c0['model_bytes'], 1):.3f})")]
+    b = r.get("bench") or {}
+    for t, d in (b.get("latency") or {}).items():
+        o, c = d["original"], d["compiled"]
+        rows.append((f"latency {t} thr (ms)", f"median {c['median_ms']:.2f}  p90 {c['p90_ms']:.2f}  p99 {c['p99_ms']:.2f}  "
+                     f"| original {o['median_ms']:.2f}  -> speedup x{c['speedup_vs_original']:.2f}"))
+    for k, m in (b.get("memory") or {}).items():
+        rows.append((f"peak RSS {k}", f"{m['peak_rss_bytes'] / 1e6:.1f} MB (model adds {m['peak_rss_delta_bytes'] / 1e6:.1f} MB)"))
+    if b.get("skipped"):
+        rows.append(("benchmark", b["skipped"]))
+    s = (r.get("fidelity") or {}).get("summary", {})
+    for k in ("top1_agreement", "top5_agreement", "cosine_min", "accuracy"):
+        if k in s:
+            rows.append((k, f"{s[k]:.4f}"))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
