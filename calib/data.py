@@ -281,6 +281,14 @@ def is_image_input(inp: InputInfo, pre: Preprocess) -> bool:
     return c in (1, 3)
 
 
+def _fit_preprocess(pre: Preprocess, inp: InputInfo) -> Preprocess:
+    """The preprocessing resized to the model's actual input (H, W, channels)."""
+    c = inp.shape[1] if pre.layout == "NCHW" else inp.shape[3]
+    h, w = (inp.shape[2], inp.shape[3]) if pre.layout == "NCHW" else (inp.shape[1], inp.shape[2])
+    return Preprocess(height=h, width=w, mean=pre.mean if c == 3 else pre.mean[:1],
+                      std=pre.std if c == 3 else pre.std[:1], scale=pre.scale, layout=pre.layout, channels=c)
+
+
 def load_splits(source: str | None, inputs: list[InputInfo], pre: Preprocess, *, n_calib: int = 64,
                 n_eval: int = 128, seed: int = 0) -> tuple[DataSplit, DataSplit]:
     """Resolve `--data` into disjoint (calib, eval) splits for the model's inputs."""
@@ -294,11 +302,9 @@ def load_splits(source: str | None, inputs: list[InputInfo], pre: Preprocess, *,
     if len(inputs) != 1:
         raise EdgecError(f"--data {src} feeds one input, but the model has {len(inputs)} inputs")
     inp = inputs[0]
+    if is_image_input(inp, pre):
+        pre = _fit_preprocess(pre, inp)
     if src == "bundled":
-        c = inp.shape[1] if pre.layout == "NCHW" else inp.shape[3]
-        h, w = (inp.shape[2], inp.shape[3]) if pre.layout == "NCHW" else (inp.shape[1], inp.shape[2])
-        pre = Preprocess(height=h, width=w, mean=pre.mean if c == 3 else pre.mean[:1],
-                         std=pre.std if c == 3 else pre.std[:1], scale=pre.scale, layout=pre.layout, channels=c)
         return bundled_split("calib", n_calib, inp, pre, seed), bundled_split("eval", n_eval, inp, pre, seed)
     p = Path(os.path.expanduser(src))
     if not p.exists():

@@ -37,6 +37,8 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_default: int):
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="efficientnet_lite0", help="model spec (default: efficientnet_lite0)")
     g.add_argument("--weights", help="state-dict .pth for torchvision:/factory models (loaded with weights_only=True)")
