@@ -21,6 +21,10 @@ help:
 	@echo "make compile model=M target=T recipe=R [ARGS='--set prune.target_macs=0.7']"
 	@echo "make bench              latency/memory/fidelity of the compiled model vs its FP32 baseline"
 	@echo "make test               the test suite (creates .venv on first use)"
+	@echo "make bench-prune        criteria x allocation x recovery vs Torch-Pruning (EfficientNet-Lite0)"
+	@echo "make bench-quant        FP32 vs ORT quantize_static vs edgec mixed-bit, one interleaved run"
+	@echo "make bench-coverage     prune 17 torchvision models to 0.7x MACs, pass/fail table"
+	@echo "make artifacts          CI artifact builds: models x targets from artifacts.yaml, reproducible tarballs"
 	@echo "make clean              remove out/ and caches"
 
 venv: $(STAMP)
@@ -38,6 +42,19 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+bench-prune: $(STAMP)
+	$(PY) -m pip install -q 'torch-pruning==1.6.1'
+	$(PY) bench/bench_prune.py $(ARGS)
+
+bench-quant: $(STAMP)
+	$(PY) bench/bench_quant.py $(ARGS)
+
+bench-coverage: $(STAMP)
+	$(PY) bench/coverage.py $(ARGS)
+
+artifacts: $(STAMP)
+	$(PY) -m pipeline.artifacts artifacts.yaml $(ARGS)
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

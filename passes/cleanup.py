@@ -1,4 +1,5 @@
-"""Cleanup passes, delegated to onnxscript's optimizer/rewriter and onnx_ir's common passes.
+"""Cleanup passes, delegated to well-kept libraries: onnxslim (constant folding, exact fusions such as Pad into
+Conv), onnxscript's rewriter (BatchNorm folding, Dropout) and onnx_ir's common passes (Identity, dead nodes).
 
 All are exact: outputs must match their input within 1e-4 relative (checked by the runner).
   fold_constants   f(consts) -> const: evaluate subgraphs whose inputs are all constant; Constant -> initializer
@@ -86,7 +87,17 @@ def _bn(irm):
     rewrite(irm, [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule])
 
 
+def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim's constant folding and exact fusions (it folds shape arithmetic onnxscript leaves, e.g. ConstantOfShape)."""
+    import onnxslim
+
+    out = onnxslim.slim(model)
+    return out if out is not None else model
+
+
 def _apply(model: onnx.ModelProto, *steps) -> onnx.ModelProto:
+    if _lift_and_fold in steps:
+        model = _slim(model)
     irm = _to_ir(model)
     for s in steps:
         s(irm)

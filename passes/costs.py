@@ -62,8 +62,32 @@ def count_params(model: onnx.ModelProto) -> int:
     return n
 
 
-def count_costs(model: onnx.ModelProto) -> Costs:
+_MAC_OPS = ("Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "QGemm",
+            "QLinearMatMul", "MatMulNBits")
+
+
+def count_costs(model: onnx.ModelProto, _folded: bool = False) -> Costs:
+    """MACs and params; if shape arithmetic hides static shapes (e.g. dynamic 'same' padding), count on a
+    constant-folded copy (onnxslim), which has the same MACs."""
     shapes = _shapes(model)
+    if not _folded and any(n.op_type in _MAC_OPS and not _static(shapes.get(n.output[0])) for n in model.graph.node):
+        try:
+            import onnxslim
+
+            folded = onnxslim.slim(model)
+        except Exception:
+            folded = None
+        if folded is not None:
+            c = count_costs(folded, _folded=True)
+            return Costs(macs=c.macs, params=count_params(model), per_node=c.per_node)
+    return _count(model, shapes)
+
+
+def _static(s) -> bool:
+    return bool(s) and all(d > 0 for d in s)
+
+
+def _count(model: onnx.ModelProto, shapes: dict) -> Costs:
     per = {}
     for i, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{i}"
