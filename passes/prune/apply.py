@@ -176,18 +176,25 @@ def remove_channels(model: onnx.ModelProto, keep: dict[int, np.ndarray],
             masks[t] = ~removed[an.t_comps[t]]
         return masks[t]
 
-    # initializers: one consistent set of (axis, block) slices per initializer (checked by the analysis)
-    per_init: dict[str, dict[tuple[int, int], str]] = {}
-    for s in an.slices:
-        nm = an.nodes[s.node].input[s.inp]
-        per_init.setdefault(nm, {}).setdefault((s.axis, s.block), s.t)
-    for nm, specs in per_init.items():
-        if all(mask(t).all() for t in specs.values()):
-            continue
-        arr = consts.get(nm)
-        for (axis, block), t in sorted(specs.items(), key=lambda kv: -kv[0][1]):
-            arr = _slice_array(arr, axis, block, mask(t))
-        consts.replace(nm, arr)
+    # initializers: users slicing alike share one array; with several classes each changed class gets a copy
+    for nm, classes in an.init_classes.items():
+        classes = list(classes.values())
+        for specs, uses in classes:
+            if all(mask(t).all() for t in specs.values()):
+                continue
+            arr = consts.get(nm)
+            for (axis, block), t in sorted(specs.items(), key=lambda kv: -kv[0][1]):
+                arr = _slice_array(arr, axis, block, mask(t))
+            if len(classes) == 1:
+                consts.replace(nm, arr)
+                continue
+            node = nodes[uses[0][0]]
+            new = f"{nm}__{node.name or node.op_type}"
+            while new in consts.inits or new in consts.uses:
+                new += "_"
+            consts.add(new, arr)
+            for ni, k in uses:
+                nodes[ni].input[k] = new
 
     opset = _opset(out)
     for r in an.recs:

@@ -133,7 +133,9 @@ class _Analysis:
                 for a in n.attribute:
                     if a.name == "value":
                         self.consts[n.output[0]] = numpy_helper.to_array(a.t)
-        self.shapes, self.dtypes = _infer_shapes(model)
+        self.shapes, self.dtypes, self.derived = _infer_shapes(model, self.consts)
+        self.real_consts = set(self.consts)
+        self.consts.update(self.derived)
         self.layouts: dict[str, _Layout] = {}
         self.order: list[str] = []  # tensors in creation order
         self._roots: list[tuple[int, int]] = []  # (start, size)
@@ -201,12 +203,11 @@ class _Analysis:
         """Outputs of an op we do not understand: fresh, closed channels where a shape is known (on the axis of
         a same-rank tracked input, else axis 1)."""
         n = self.nodes[i]
-        guess = next((self.layouts[x].axis for x in n.input if x in self.layouts), 1)
         for o in n.output:
             s = self.shapes.get(o)
             if not (o and s and self.elem_float(o)):
                 continue
-            ax = guess if guess < len(s) else 1
+            ax = next((self.layouts[x].axis for x in n.input if x in self.layouts and self.shapes.get(x) == s), 1)
             if len(s) >= 2 and s[ax] > 0:
                 self.set_layout(o, ax, self.new_root(int(s[ax]), reason))
 
@@ -363,11 +364,12 @@ class _Unsupported(Exception):
     pass
 
 
-def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
-    try:
-        m = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        m = model
+_SHAPE_OPS = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub", "Mul", "Div", "Cast",
+              "Slice", "Reshape", "Equal", "Where", "ReduceProd", "Floor", "Ceil", "Range", "ConstantOfShape",
+              "Identity", "Max", "Min", "Abs", "Neg", "Mod", "Less", "Greater", "Not", "And", "Or", "Sqrt"}
+
+
+def _read_shapes(m: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
     shapes, dtypes = {}, {}
     for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
         t = vi.type.tensor_type
@@ -378,6 +380,73 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, i
         shapes[init.name] = tuple(init.dims)
         dtypes[init.name] = init.data_type
     return shapes, dtypes
+
+
+def _infer(m: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        return m
+
+
+def _infer_shapes(model: onnx.ModelProto, consts: dict[str, np.ndarray]):
+    """Static shapes and dtypes, after evaluating shape sub-graphs (Shape -> Gather -> ... -> Slice bounds) whose
+    inputs are static. Returns (shapes, dtypes, derived constants); the model itself is not changed."""
+    m = _infer(model)
+    derived: dict[str, np.ndarray] = {}
+    for _ in range(4):
+        shapes, dtypes = _read_shapes(m)
+        new = _fold_once(model, shapes, {**consts, **derived})
+        if not new:
+            break
+        derived.update(new)
+        tmp = onnx.ModelProto()
+        tmp.CopyFrom(model)
+        keep = [n for n in tmp.graph.node if not all(o in derived or not o for o in n.output)]
+        del tmp.graph.node[:]
+        tmp.graph.node.extend(keep)
+        tmp.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in derived.items())
+        m = _infer(tmp)
+    shapes, dtypes = _read_shapes(m)
+    return shapes, dtypes, derived
+
+
+def _fold_once(model, shapes, known) -> dict[str, np.ndarray]:
+    new = {}
+    for n in model.graph.node:
+        if n.op_type not in _SHAPE_OPS or all(o in known for o in n.output if o):
+            continue
+        try:
+            if n.op_type in ("Shape", "Size"):
+                s = shapes.get(n.input[0])
+                if s is None or any(d <= 0 for d in s):
+                    continue
+                if n.op_type == "Size":
+                    new[n.output[0]] = np.asarray(int(np.prod(s)), np.int64)
+                    continue
+                lo, hi = int(_attr(n, "start", 0)), _attr(n, "end", None)
+                new[n.output[0]] = np.asarray(s[slice(lo, None if hi is None else int(hi))], np.int64)
+                continue
+            ins = [x for x in n.input if x]
+            if not ins or not all(x in known or x in new for x in ins):
+                continue
+            vals = {x: (new[x] if x in new else known[x]) for x in ins}
+            if any(v.size > 64 for v in vals.values()):
+                continue
+            from onnx.reference import ReferenceEvaluator
+
+            g = onnx.helper.make_graph(
+                [n], "fold", [onnx.helper.make_tensor_value_info(x, onnx.helper.np_dtype_to_tensor_dtype(vals[x].dtype), None) for x in vals],
+                [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in n.output if o])
+            mm = onnx.helper.make_model(g, opset_imports=list(model.opset_import))
+            outs = ReferenceEvaluator(mm).run(None, vals)
+            for o, v in zip([o for o in n.output if o], outs):
+                v = np.asarray(v)
+                if v.size <= 64:
+                    new[o] = v
+        except Exception:  # not foldable: stays dynamic
+            continue
+    return new
 
 
 def _attr(node, name, default=None):
@@ -438,7 +507,7 @@ def _h_eltwise(an: _Analysis, i, n):
         cax = ax - (R - r)
         if cax < 0 or s[cax] == 1:
             continue
-        if x in an.consts and s[cax] == C:
+        if x in an.real_consts and s[cax] == C:
             an.slices.append(_Slice(i, k, cax, out))
             an.refs.append((out, ChannelRef(an.names[i], n.op_type, "scale", x)))
         else:
@@ -648,6 +717,24 @@ def _h_softmax(an: _Analysis, i, n):
     an.set_layout(n.output[0], lay.axis, lay.elems)
 
 
+def _h_shape(an: _Analysis, i, n):
+    """Shape of a tracked tensor: fine when only non-channel dims are read (Gather with constant indices)."""
+    lay = an.layouts[n.input[0]]
+    r = an.rank(n.input[0])
+    lo = _norm_axis(int(_attr(n, "start", 0)), r)
+    hi = _attr(n, "end", None)
+    hi = r if hi is None else min(_norm_axis(int(hi), r), r)
+    if not lo <= lay.axis < hi:
+        return
+    for u, k in an.users.get(n.output[0], []):
+        un = an.nodes[u]
+        if un.op_type != "Gather" or k != 0 or un.input[1] not in an.real_consts:
+            raise _Unsupported("reads the channel count")
+        idx = np.asarray(an.consts[un.input[1]]).reshape(-1)
+        if any(_norm_axis(int(v), r) - lo == lay.axis - lo for v in idx):
+            raise _Unsupported("reads the channel count")
+
+
 def _h_transpose(an: _Analysis, i, n):
     lay = an.layouts[n.input[0]]
     r = an.rank(n.input[0])
@@ -729,6 +816,8 @@ def _h_reshape(an: _Analysis, i, n):
     inner = int(np.prod(S[ax + 1:ax + 1 + m])) if m else 1
     an.set_layout(out, j, np.repeat(lay.elems, inner))
     if spec[j] not in (-1, 0):
+        if sh not in an.real_consts:
+            raise _Unsupported("computed reshape target")
         an.recs.append(_Rec("reshape", i, out, {"index": j}))
     an.refs.append((out, ChannelRef(an.names[i], n.op_type, "reshape", sh)))
 
@@ -790,6 +879,8 @@ def _h_split(an: _Analysis, i, n):
     for o, s in zip(n.output, sizes):
         an.set_layout(o, ax, lay.elems[off:off + s])
         off += s
+    if len(n.input) > 1 and n.input[1] and n.input[1] not in an.real_consts:
+        raise _Unsupported("computed split sizes")
     an.recs.append(_Rec("split", i, x, {"sizes": sizes}))
     an.refs.append((x, ChannelRef(an.names[i], n.op_type, "split")))
 
@@ -813,6 +904,8 @@ def _h_slice(an: _Analysis, i, n):
             continue
         if steps[k] != 1:
             raise _Unsupported("strided slice of the channel axis")
+        if n.input[1] not in an.real_consts or n.input[2] not in an.real_consts:
+            raise _Unsupported("computed slice bounds on the channel axis")
         lo, hi, _ = slice(int(starts[k]), int(ends[k]), 1).indices(len(elems))
         hi = max(hi, lo)
         an.recs.append(_Rec("slice", i, x, {"k": k, "lo": lo, "hi": hi}))
@@ -835,6 +928,8 @@ def _h_resize(an: _Analysis, i, n):
         raise _Unsupported("Resize with axes")
     an.set_layout(n.output[0], lay.axis, lay.elems)
     if sz_idx and len(n.input) > sz_idx and n.input[sz_idx] and an.consts[n.input[sz_idx]].size:
+        if n.input[sz_idx] not in an.real_consts:
+            raise _Unsupported("computed resize sizes")
         an.recs.append(_Rec("resize", i, n.output[0], {"index": lay.axis, "inp": sz_idx}))
         an.refs.append((x, ChannelRef(an.names[i], n.op_type, "resize")))
 
@@ -867,7 +962,7 @@ _HANDLERS = {
     "BatchNormalization": _h_bn, "InstanceNormalization": _h_instnorm, "LayerNormalization": _h_layernorm,
     "GroupNormalization": _h_groupnorm, "Transpose": _h_transpose, "Squeeze": _h_squeeze,
     "Unsqueeze": _h_unsqueeze, "Flatten": _h_flatten, "Reshape": _h_reshape, "Concat": _h_concat,
-    "Split": _h_split, "Slice": _h_slice, "Resize": _h_resize, "Upsample": _h_resize, "Pad": _h_pad,
+    "Split": _h_split, "Slice": _h_slice, "Shape": _h_shape, "Resize": _h_resize, "Upsample": _h_resize, "Pad": _h_pad,
 }
 
 
@@ -890,18 +985,21 @@ def _analysis(model: onnx.ModelProto) -> tuple[_Analysis, list[Group]]:
                 extra_reason.setdefault(g, f"grouped conv {name} (group={G}) mixes channel groups")
             else:
                 align[g] = math.lcm(int(align[g]), G)
-    # an initializer sliced differently by its users cannot be rewritten in place
-    per_use: dict[tuple[int, int], set] = {}
-    for s in an.slices:
-        per_use.setdefault((s.node, s.inp), set()).add((s.axis, s.block, an.t_comps[s.t].tobytes()))
-    by_init: dict[str, set] = {}
-    for (node, inp), keys in per_use.items():
-        by_init.setdefault(an.nodes[node].input[inp], set()).add(frozenset(keys))
-    for s in an.slices:
-        nm = an.nodes[s.node].input[s.inp]
-        if len(by_init[nm]) > 1 or _shared_with_unsliced(an, nm):
-            for g in np.unique(an.t_groups(s.t)):
-                extra_reason.setdefault(int(g), f"initializer {nm} is shared by nodes with different channel layouts")
+    # users of one initializer that slice it alike form a class; apply gives every changed class its own copy
+    per_use: dict[tuple[int, int], dict] = {}
+    for s_ in an.slices:
+        per_use.setdefault((s_.node, s_.inp), {})[(s_.axis, s_.block)] = s_.t
+    an.init_classes = {}
+    for (node, inp), specs in per_use.items():
+        nm = an.nodes[node].input[inp]
+        key = frozenset((ax, bl, an.t_comps[t].tobytes()) for (ax, bl), t in specs.items())
+        classes = an.init_classes.setdefault(nm, {})
+        classes.setdefault(key, (specs, []))[1].append((node, inp))
+    for nm, classes in an.init_classes.items():
+        sliced = {u for _, uses in classes.values() for u in uses}
+        rest = [u for u in an.users.get(nm, []) if u not in sliced]
+        if rest:
+            classes[frozenset()] = ({}, rest)
     groups = []
     refs_by_group: dict[int, list[tuple[str, ChannelRef]]] = {}
     for t, ref in an.refs:
@@ -930,11 +1028,6 @@ def _analysis(model: onnx.ModelProto) -> tuple[_Analysis, list[Group]]:
                             prunable=reason is None, reason=reason, align=int(align[gid]), stat_axis=sa))
     an.groups = groups
     return an, groups
-
-
-def _shared_with_unsliced(an: _Analysis, nm: str) -> bool:
-    sliced = {(s.node, s.inp) for s in an.slices if an.nodes[s.node].input[s.inp] == nm}
-    return any((u not in sliced) for u in an.users.get(nm, []))
 
 
 _WALK_BACK = {"GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "MaxPool",
@@ -1130,20 +1223,14 @@ class CostModel:
             b = base.per_node.get(name, 0)
             if b:
                 self._mac_terms.append((b, [lin(t) for t in m.factors if t in an.layouts]))
-        self._param_terms = []
-        seen = set()
         init_size = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer
                      if i.data_type in _PARAM_TYPES and len(i.dims) >= 1}
-        for s in an.slices:
-            nm = an.nodes[s.node].input[s.inp]
-            if nm not in init_size:
-                continue
-            if nm not in seen:
-                seen.add(nm)
-                self._param_terms.append([nm, init_size[nm], []])
-            term = next(x for x in self._param_terms if x[0] == nm)
-            if (s.axis, s.block) not in [(a, bb) for a, bb, _ in term[2]]:
-                term[2].append((s.axis, s.block, lin(s.t)))
+        # per initializer: its size and, per class of users, the tensors driving each sliced axis
+        self._param_terms = []
+        for nm, classes in an.init_classes.items():
+            if nm in init_size:
+                cls = [[lin(t) for t in specs.values()] for specs, _ in classes.values()]
+                self._param_terms.append((init_size[nm], cls))
 
     def _kept(self, t: str, keep: dict[int, int]) -> float:
         total, counts = self._tensors[t]
@@ -1165,11 +1252,24 @@ class CostModel:
                 p *= f(t)
             macs += b * p - b
         params = self.base_params
-        for _, size, axes in self._param_terms:
-            p = 1.0
-            for _, _, t in axes:
-                p *= f(t)
-            params += size * p - size
+        for size, cls in self._param_terms:
+            if len(cls) == 1:
+                p = 1.0
+                for t in cls[0]:
+                    p *= f(t)
+                params += size * p - size
+                continue
+            # shared initializer: each changed class gets its own copy; the original stays if any class is unchanged
+            orig, extra = False, 0.0
+            for ts in cls:
+                p = 1.0
+                for t in ts:
+                    p *= f(t)
+                if p >= 1.0:
+                    orig = True
+                else:
+                    extra += size * p
+            params += extra - (0 if orig else size)
         return int(round(macs)), int(round(params))
 
 
