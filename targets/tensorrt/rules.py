@@ -322,3 +322,27 @@ def check_or_raise(model: onnx.ModelProto) -> RuleReport:
         log.warning("TensorRT rule warning: %s", f.line())
     rep.raise_for_errors()
     return rep
+
+
+def main(argv=None) -> int:
+    """python -m targets.tensorrt.rules model.onnx [--json]: exit 1 when a rule is broken."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(description="Check an ONNX graph against the TensorRT explicit-quantization rules.")
+    ap.add_argument("model")
+    ap.add_argument("--json", action="store_true", help="print the full report as JSON")
+    a = ap.parse_args(argv)
+    rep = check_graph(onnx.load(a.model, load_external_data=False))
+    if a.json:
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        for f in rep.findings:
+            print(f"{f.severity}: {f.line()}")
+        print(f"{'PASS' if rep.passed else 'FAIL'}: {len(rep.errors)} error(s), {len(rep.warnings)} warning(s)")
+    return 0 if rep.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

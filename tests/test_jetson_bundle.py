@@ -1,0 +1,390 @@
+"""Jetson deploy bundle: contents, reproducibility, and the non-TensorRT logic of bench.py / build_engine.py.
+
+bench.py and build_engine.py are loaded from a generated bundle (the files that ship), not from the sources.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import py_compile
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+from calib.data import DataSplit
+from pipeline.errors import EdgecError
+from pipeline.fidelity import Comparator
+from pipeline.recipe import Recipe
+from targets.base import BuildContext
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def tiny_classifier(*, quantized=False, zero_point=0, seed=0):
+    """x[1,3,16,16] -> Conv(16) -> Relu -> GAP -> Flatten -> Gemm(10); optionally int8 Q/DQ on the Conv."""
+    r = np.random.default_rng(seed)
+    w = r.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3
+    fc = r.standard_normal((10, 16)).astype(np.float32)
+    inits = [numpy_helper.from_array(fc, "fc"), numpy_helper.from_array(np.zeros(10, np.float32), "fcb")]
+    nodes = []
+    if quantized:
+        s = (np.abs(w).reshape(16, -1).max(1) / 127).astype(np.float32)
+        wq = np.clip(np.round(w / s[:, None, None, None]), -127, 127).astype(np.int8)
+        inits += [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(s, "ws"),
+                  numpy_helper.from_array(np.zeros(16, np.int8), "wzp"),
+                  numpy_helper.from_array(np.float32(0.05), "as"), numpy_helper.from_array(np.int8(zero_point), "azp")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "as", "azp"], ["xq"], name="x_q"),
+                  helper.make_node("DequantizeLinear", ["xq", "as", "azp"], ["xd"], name="x_dq"),
+                  helper.make_node("DequantizeLinear", ["wq", "ws", "wzp"], ["w"], name="w_dq", axis=0)]
+        conv_in = "xd"
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+        conv_in = "x"
+    nodes += [helper.make_node("Conv", [conv_in, "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["c"], ["r"], name="relu"),
+              helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("logits", T.FLOAT, [1, 10])], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def eval_split(n=6, seed=1):
+    def make(i):
+        return {"x": np.random.default_rng([seed, i]).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+
+    return DataSplit("eval", n, make, description="synthetic test split")
+
+
+def make_ctx(extra=None, n=6):
+    return BuildContext(model_name="tiny", recipe=Recipe("test", "no passes", []), reference_model=tiny_classifier(),
+                        eval_split=eval_split(n), extra=dict(extra or {}))
+
+
+def build_bundle(tmp_path, name="b", *, quantized=True, extra=None):
+    from targets import jetson
+
+    out = tmp_path / name
+    out.mkdir()
+    res = jetson.build(tiny_classifier(quantized=quantized), out, make_ctx(extra))
+    return out, res
+
+
+def load_module(path: Path, name: str):
+    old, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # keep the bundle free of __pycache__
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.dont_write_bytecode = old
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out, res = build_bundle(tmp_path_factory.mktemp("jetson"))
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def bench_mod(bundle):
+    return load_module(bundle[0] / "bench.py", "edgec_bundle_bench")
+
+
+@pytest.fixture(scope="module")
+def builder_mod(bundle):
+    return load_module(bundle[0] / "build_engine.py", "edgec_bundle_build_engine")
+
+
+# ----------------------------------------------------------------------------- contents
+
+EXPECTED = {"model.onnx", "build_engine.py", "bench.py", "trtexec.sh", "reference_outputs.npz", "manifest.json",
+            "README.md", "rules.json"}
+
+
+def test_bundle_contents(bundle):
+    out, res = bundle
+    assert EXPECTED <= {p.name for p in out.iterdir() if p.is_file()}
+    assert set(res["artifacts"]) >= EXPECTED
+    if not HAS_TRT:
+        assert res["deferred"] is True and "tensorrt not installed" in res["deferred_reason"]
+        assert not (out / "model.engine").exists()
+    assert res["quantized"] is True and res["rules"]["passed"]
+
+
+def test_scripts_compile_and_build_engine_is_the_builder(bundle):
+    out, _ = bundle
+    for f in ("bench.py", "build_engine.py"):
+        py_compile.compile(str(out / f), cfile=str(out / ".pyc" / (f + "c")), doraise=True)
+    assert (out / "build_engine.py").read_text() == (ROOT / "targets/tensorrt/builder.py").read_text()
+    src = (out / "bench.py").read_text()
+    import re
+
+    imports = re.findall(r"^\s*(?:from|import) +([\w.]+)", src, re.M)
+    assert "__future__" not in imports
+    assert not {m.split(".")[0] for m in imports} & {"pipeline", "passes", "targets", "calib", "onnx", "onnxruntime"}
+    assert (ROOT / "targets/tensorrt/runner.py").read_text().strip() in src
+
+
+def test_manifest_hashes_every_file(bundle):
+    out, _ = bundle
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["target"] == "jetson" and man["recipe"]["name"] == "test"
+    assert man["targets"]["tensorrt"] == ">=10.3,<11" and "6.1" in man["targets"]["jetpack"]
+    assert set(man["files"]) == {p.name for p in out.iterdir() if p.is_file()} - {"manifest.json"}
+    for name, h in man["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == h, name
+    assert man["device_commands"][2] == "sudo python3 bench.py"
+
+
+def test_bundle_is_byte_reproducible(tmp_path):
+    a, _ = build_bundle(tmp_path, "a")
+    b, _ = build_bundle(tmp_path, "b")
+    for p in sorted(a.iterdir()):
+        assert p.read_bytes() == (b / p.name).read_bytes(), p.name
+
+
+def test_trtexec_strongly_typed_for_qdq(bundle):
+    text = (bundle[0] / "trtexec.sh").read_text()
+    for flag in ("--onnx=model.onnx", "--stronglyTyped", "--saveEngine=", "--timingCacheFile=model.timing.cache",
+                 "--iterations=200", "--warmUp=", "--percentile=50,90,99", "--exportTimes="):
+        assert flag in text, flag
+    assert "--fp16" not in text and "--useDLACore" not in text
+
+
+def test_trtexec_fp16_and_dla(tmp_path):
+    out, res = build_bundle(tmp_path, quantized=False, extra={"dla_core": 0, "shapes": {"x": "1x3x16x16"}})
+    text = (out / "trtexec.sh").read_text()
+    assert "--fp16" in text and "--stronglyTyped" not in text
+    assert "--useDLACore=0 --allowGPUFallback" in text and "--shapes=x:1x3x16x16" in text
+    readme = (out / "README.md").read_text()
+    assert "python3 build_engine.py --dla-core 0 --shape x=1x3x16x16" in readme
+    assert "nvpmodel" in readme and "jetson_clocks" in readme and "bench.py" in readme
+
+
+def test_reference_outputs_match_the_fp32_model(bundle, bench_mod):
+    from pipeline.onnx_io import ort_session
+
+    feeds, refs, names, labels, meta = bench_mod.load_reference(str(bundle[0] / "reference_outputs.npz"))
+    assert names == ["logits"] and meta["samples"] == 6 and labels is None
+    sess = ort_session(tiny_classifier(), optimize=False)
+    for f, r, i in zip(feeds, refs, range(6)):
+        np.testing.assert_array_equal(f["x"], eval_split().feeds(i)["x"])
+        np.testing.assert_allclose(sess.run(None, f)[0], r[0], rtol=0, atol=0)
+
+
+def test_rule_violation_stops_the_bundle_naming_the_node(tmp_path):
+    from targets import jetson
+
+    out = tmp_path / "bad"
+    out.mkdir()
+    with pytest.raises(EdgecError, match="x_q"):
+        jetson.build(tiny_classifier(quantized=True, zero_point=4), out, make_ctx())
+    assert not (out / "bench.py").exists() and not (out / "reference_outputs.npz").exists()
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the engine is built, not deferred")
+def test_deferred_is_one_log_line(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="targets.jetson"):
+        build_bundle(tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "deferred" in r.getMessage()]
+    assert len(lines) == 1 and "tensorrt not installed" in lines[0] and "bundle:" in lines[0]
+
+
+def test_bench_without_tensorrt_says_so(bundle):
+    from targets import jetson
+
+    if HAS_TRT:
+        pytest.skip("tensorrt installed")
+    res = jetson.bench(bundle[0], make_ctx())
+    assert set(res) == {"skipped"} and "tensorrt not installed" in res["skipped"]
+
+
+# ----------------------------------------------------------------------------- bench.py logic
+
+CLOCKS_LOCKED = """SOC family:tegra234  Machine:NVIDIA Jetson AGX Orin Developer Kit
+Online CPUs: 0-11
+cpu0: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 IdleStates: WFI=0 c7=0
+cpu1: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 IdleStates: WFI=0 c7=0
+GPU MinFreq=1300500000 MaxFreq=1300500000 CurrentFreq=1300500000
+EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=3199000000 FreqOverride=1
+DLA0_CORE: Online=1 MinFreq=0 MaxFreq=1600000000 CurrentFreq=1600000000
+FAN Dynamic Speed control=active hwmon4_pwm=255
+NV Power Mode: MAXN
+"""
+CLOCKS_DEFAULT = CLOCKS_LOCKED.replace("MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600",
+                                       "MinFreq=729600 MaxFreq=2201600 CurrentFreq=1190400").replace(
+    "GPU MinFreq=1300500000 MaxFreq=1300500000 CurrentFreq=1300500000", "GPU MinFreq=306000000 MaxFreq=1300500000 CurrentFreq=306000000")
+
+
+def test_parse_and_check_clocks(bench_mod):
+    p = bench_mod.parse_jetson_clocks(CLOCKS_LOCKED)
+    assert p["power_mode"] == "MAXN" and set(p["cpus"]) == {"cpu0", "cpu1"} and p["emc"]["override"] is True
+    assert bench_mod.clocks_locked(p) == (True, [])
+    locked, why = bench_mod.clocks_locked(bench_mod.parse_jetson_clocks(CLOCKS_DEFAULT))
+    assert not locked and any("GPU clock not fixed" in w for w in why) and any("cpu0" in w for w in why)
+    emc_low = CLOCKS_LOCKED.replace("CurrentFreq=3199000000", "CurrentFreq=2133000000")
+    assert not bench_mod.clocks_locked(bench_mod.parse_jetson_clocks(emc_low))[0]
+    assert bench_mod.clocks_locked(None) == (False, ["jetson_clocks not available: clocks unknown"])
+
+
+def test_parse_nvpmodel_and_tegrastats(bench_mod):
+    assert bench_mod.parse_nvpmodel("NV Power Mode: 15W\n2\n") == {"mode": "15W", "id": 2}
+    assert bench_mod.parse_nvpmodel("") is None
+    line = "11-22-2026 19:00:01 RAM 2448/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) CPU [1%@729,...] GR3D_FREQ 0%"
+    assert bench_mod.parse_tegrastats_ram(line) == (2448, 7620)
+    assert bench_mod.parse_tegrastats_ram("no ram here") is None
+
+
+def test_comparability_decision(bench_mod):
+    assert bench_mod.decide_comparable(True, [], False) == (True, True, "clocks locked (jetson_clocks)")
+    assert bench_mod.decide_comparable(False, ["GPU clock not fixed"], False)[:2] == (False, False)
+    go, comparable, why = bench_mod.decide_comparable(False, ["GPU clock not fixed"], True)
+    assert go and not comparable and why.startswith("NOT comparable")
+
+
+def test_bench_refuses_unlocked_clocks(bench_mod, tmp_path, capsys):
+    env = {"jetson_clocks": {"raw": CLOCKS_DEFAULT, "rc": 0, "parsed": bench_mod.parse_jetson_clocks(CLOCKS_DEFAULT)}}
+    out = tmp_path / "report.json"
+    assert bench_mod.main(["--out", str(out)], env=env) == bench_mod.EXIT_UNLOCKED
+    assert "refusing to measure" in capsys.readouterr().err and not out.exists()
+    env_none = {"jetson_clocks": None}
+    assert bench_mod.main(["--out", str(out)], env=env_none) == bench_mod.EXIT_UNLOCKED
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed")
+def test_bench_allow_unlocked_without_tensorrt_says_so(bench_mod, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert bench_mod.main(["--out", str(out), "--allow-unlocked"], env={"jetson_clocks": None}) == bench_mod.EXIT_ERROR
+    assert "tensorrt not installed" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bench_fidelity_matches_edgec_comparator(bench_mod, rows):
+    r = np.random.default_rng(rows)
+    ref = [[r.standard_normal((rows, 20)).astype(np.float32), r.standard_normal((rows, 4, 5))] for _ in range(9)]
+    cand = [[a + r.standard_normal(a.shape).astype(np.float32) * 0.7, b * 1.1] for a, b in ref]
+    labels = [r.integers(0, 20, rows) for _ in ref]
+    got = bench_mod.fidelity(cand, ref, ["logits", "feat"], labels)
+    comp = Comparator(["logits", "feat"])
+    for c, f, lab in zip(cand, ref, labels):
+        comp.update(c, f, lab)
+    want = comp.result()
+    assert got["summary"].keys() == want["summary"].keys()
+    for k, v in want["summary"].items():
+        assert got["summary"][k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+    assert 0 < got["summary"]["top1_agreement"] < 1  # the noise flips some argmaxes: the check can fail
+
+
+def test_latency_summary(bench_mod):
+    s = bench_mod.summarize_ms(list(range(1, 201)))
+    assert s["runs"] == 200 and s["median"] == pytest.approx(100.5) and s["p90"] == pytest.approx(180.1)
+    assert s["p99"] == pytest.approx(198.01) and s["min"] == 1 and s["max"] == 200
+
+
+def test_device_report_keeps_edgec_schema(bench_mod, tmp_path):
+    from pipeline import report as rep
+
+    host = {"schema_version": rep.SCHEMA_VERSION, "versions": {"edgec": "x", "onnx": "1", "onnxruntime": "1"},
+            "model": {"name": "tiny", "source": "t", "inputs": {}, "outputs": ["logits"]}, "target": "jetson",
+            "recipe": {"name": "r", "passes": [], "yaml": ""}, "seed": 0,
+            "data": {"calib_samples": 1, "eval_samples": 1, "description": "d", "disjoint": True}, "passes": [],
+            "costs": {"original": {"macs": 1, "params": 1, "model_bytes": 1}, "final": {"macs": 1, "params": 1, "model_bytes": 1}},
+            "bench": {"skipped": "deferred"}, "fidelity": {"summary": {"cosine_min": 1.0}, "per_output": {}},
+            "target_build": {"deferred": True}, "artifacts": [], "command": "edgec compile"}
+    fid = bench_mod.fidelity([[np.eye(3)[:1]]], [[np.eye(3)[:1]]], ["logits"])
+    bench = {"device_run": True, "latency_ms": bench_mod.summarize_ms([1.0] * 200), "comparable": False}
+    out = bench_mod.device_report(host, bench, fid, {"engine": "model.engine"})
+    rep.validate(out)
+    assert out["fidelity_host_onnxruntime"] == host["fidelity"] and out["fidelity"] == fid
+    assert out["bench"]["device_run"] and out["target_build"] == {"deferred": False, "engine": {"engine": "model.engine"}}
+    bench_mod.write_json(str(tmp_path / "r.json"), out)
+    assert json.loads((tmp_path / "r.json").read_text())["fidelity"]["summary"]["top1_agreement"] == 1.0
+
+
+# ----------------------------------------------------------------------------- build_engine.py logic
+
+@pytest.mark.parametrize("version,ok", [("8.6.1", False), ("9.3.0", False), ("10.0.1", True), ("10.3.0.30", True),
+                                        ("10.13.2", True), ("11.0.0", False), ("11.4.0.106", False), ("garbage", False)])
+def test_version_gate(builder_mod, version, ok):
+    if ok:
+        assert builder_mod.check_version(version)[0] == 10
+    else:
+        with pytest.raises(builder_mod.TensorRTUnavailable) as ei:
+            builder_mod.check_version(version)
+        assert "\n" not in str(ei.value)
+        if version.startswith("11"):
+            assert "TensorRT 11 removed the precision flags" in str(ei.value)
+
+
+def test_shapes_and_profiles(builder_mod):
+    B = builder_mod
+    assert B.parse_shape_arg("x=1x3x224x224") == ("x", ((1, 3, 224, 224),) * 3)
+    assert B.parse_shape_arg("x=1x3x8x8,4x3x8x8,8x3x8x8")[1][2] == (8, 3, 8, 8)
+    for bad in ("x", "x=1x0", "x=2x3,1x3,4x3", "x=1x3,1x3x4,1x3"):
+        with pytest.raises(B.BuildError):
+            B.parse_shape_arg(bad)
+    prof = B.resolve_profile([("x", (-1, 3, 8, 8)), ("y", (1, 4))], {})
+    assert prof == {"x": ((1, 3, 8, 8),) * 3}
+    with pytest.raises(B.BuildError, match="dynamic dims"):
+        B.resolve_profile([("x", (1, -1, 8, 8))], {})
+    with pytest.raises(B.BuildError, match="fixed to 3"):
+        B.resolve_profile([("x", (-1, 3, 8, 8))], {"x": ((1, 4, 8, 8),) * 3})
+    assert B.is_static_profile(prof)
+    assert not B.is_static_profile(B.resolve_profile([("x", (-1, 3))], {"x": ((1, 3), (2, 3), (4, 3))}))
+
+
+def test_parser_error_lines_name_the_node(builder_mod):
+    class Err:  # the IParserError methods build_engine.py reads
+        def __init__(self, name):
+            self._n = name
+
+        def node_name(self):
+            return self._n
+
+        def node_operator(self):
+            return "NonMaxSuppression"
+
+        def node(self):
+            return 7
+
+        def desc(self):
+            return "no importer registered\nsecond line"
+
+        def code(self):
+            return "ErrorCode.UNSUPPORTED_NODE"
+
+    assert builder_mod.format_parser_error(Err("nms_1")) == \
+        "node 'nms_1' (NonMaxSuppression): no importer registered [UNSUPPORTED_NODE]"
+    assert builder_mod.format_parser_error(Err("")).startswith("node #7 (NonMaxSuppression)")
+
+
+def test_build_options_validate(builder_mod):
+    B = builder_mod
+    o = B.BuildOptions(onnx_path="m.onnx", engine_path="out/m.engine")
+    assert o.timing_cache == "out/m.timing.cache" and o.typing == "auto"
+    for kw in ({"opt_level": 6}, {"workspace_mb": 0}, {"dla_core": -1}, {"typing": "fp8"}):
+        with pytest.raises(B.BuildError):
+            B.BuildOptions(onnx_path="m.onnx", engine_path="m.engine", **kw)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed")
+def test_build_engine_cli_without_tensorrt(builder_mod, bundle, capsys):
+    rc = builder_mod.main(["--onnx", str(bundle[0] / "model.onnx"), "--engine", str(bundle[0] / "x.engine")])
+    assert rc == 2 and "tensorrt not installed" in capsys.readouterr().err
+    assert not (bundle[0] / "x.engine").exists()
+
+
+def test_bad_build_option_is_user_error(tmp_path):
+    with pytest.raises(EdgecError, match="optimization level"):
+        build_bundle(tmp_path, extra={"builder_opt_level": 9})
