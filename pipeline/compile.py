@@ -207,6 +207,12 @@ def run_bench(target, outdir: Path, reference: onnx.ModelProto, bctx: BuildConte
         _progress(f"timing original vs compiled, {t} thread(s): {opts.warmup} warm-up + {opts.runs} runs each, interleaved")
         lat[str(t)] = latency_interleaved({"original": reference, "compiled": str(outdir / "model.onnx")}, feeds,
                                           threads=t, warmup=opts.warmup, runs=opts.runs, opt_level=opts.opt_level)
+    from targets.bench import plot_latency
+
+    plot_latency(lat, outdir / "latency.png")
+    for d in lat.values():  # raw samples live in the plot, not in the report
+        for r in d.values():
+            r.pop("times_ms", None)
     mem = {}
     if opts.memory:
         _progress("measuring peak RSS in fresh processes")
@@ -217,7 +223,7 @@ def run_bench(target, outdir: Path, reference: onnx.ModelProto, bctx: BuildConte
             mem["compiled"] = peak_rss(outdir / "model.onnx", feeds, threads=opts.threads[0])
         finally:
             ref_path.unlink(missing_ok=True)
-    return {"latency": lat, "memory": mem,
+    return {"latency": lat, "memory": mem, "plot": "latency.png",
             "latency_protocol": f"batch 1, ORT CPU, graph optimization '{opts.opt_level}', {opts.warmup} warm-up + "
                                 f"{opts.runs} timed runs per model, original and compiled interleaved in one process",
             "host": _host()}

@@ -104,6 +104,8 @@ def render_markdown(r: dict) -> str:
                     x = d[k]
                     L.append(f"| {t} | {k} | {x['median_ms']:.3f} | {x['p90_ms']:.3f} | {x['p99_ms']:.3f} | {x['mean_ms']:.3f} | {x.get('speedup_vs_original', 1.0):.2f}x |")
         L.append(f"\n{b.get('latency_protocol', '')}\n")
+        if b.get("plot"):
+            L.append(f"![latency CDF]({b['plot']})\n")
     if b.get("memory"):
         L += ["## Memory", "", "| model | peak RSS | minus empty process | model bytes |", "|---|---|---|---|"]
         for k, m in b["memory"].items():

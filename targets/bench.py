@@ -58,6 +58,8 @@ def latency_interleaved(models: dict[str, str | onnx.ModelProto], feeds: dict[st
             s.run(None, f)
             times[k].append(clock() - t0)
     res = {k: _summary(v) for k, v in times.items()}
+    for k in keys:
+        res[k]["times_ms"] = [round(t * 1e3, 4) for t in times[k]]
     base = res[keys[0]]["median_ms"]
     for k in keys:
         res[k]["speedup_vs_" + keys[0]] = base / res[k]["median_ms"]
@@ -97,3 +99,26 @@ def peak_rss(model_path: str | Path, feeds: dict[str, np.ndarray], *, threads: i
         size += data.stat().st_size
     return {"peak_rss_bytes": int(peak), "empty_process_rss_bytes": int(base), "peak_rss_delta_bytes": int(peak - base),
             "model_bytes": int(size)}
+
+
+def plot_latency(latency: dict[str, dict[str, dict]], path: Path) -> None:
+    """Empirical CDF of per-run latency for each model and thread count (one panel per thread count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(latency), figsize=(5 * len(latency), 3.6), squeeze=False)
+    for ax, (threads, models) in zip(axes[0], latency.items()):
+        for name, r in models.items():
+            t = np.sort(np.asarray(r.get("times_ms", [])))
+            if t.size:
+                ax.plot(t, np.arange(1, t.size + 1) / t.size, label=f"{name} (median {r['median_ms']:.2f} ms)")
+        ax.set_title(f"{threads} thread(s), batch 1")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("fraction of runs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
