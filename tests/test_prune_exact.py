@@ -1,0 +1,202 @@
+"""Channel removal is exact when the removed channels contribute exactly nothing.
+
+For each small graph: zero every consumer weight reading a chosen subset of each prunable group's channels
+(or, for act(0) = 0 graphs, zero the producers' output rows and biases), remove those channels, and require
+max|y_pruned - y_zeroed| / max|y_zeroed| <= 1e-5 in ONNX Runtime with graph optimizations off; the checker and
+strict shape inference pass, op counts are unchanged and initializers shrink as predicted.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from passes.costs import count_costs
+from passes.prune.apply import remove_channels
+from passes.prune.graph import CostModel, analyze, consumer_layers
+from pipeline.onnx_io import check_model
+from tests import prune_models as pm
+
+RTOL = 1e-5
+
+
+def _choose_removed(g, rng) -> np.ndarray:
+    """Channels to remove: about a third, at least one, equally many per alignment block, never all."""
+    bs = g.size // g.align
+    n_rm = max(1, bs // 3)
+    rm = []
+    for b in range(g.align):
+        rm.extend(b * bs + rng.choice(bs, size=n_rm, replace=False))
+    return np.sort(np.asarray(rm, np.int64))
+
+
+def _prune_zeroed(model, rng, mode="consumer", only=None):
+    groups = analyze(model)
+    todo = [g for g in groups if g.prunable and (only is None or g.id in only)]
+    zeroed = model
+    keep = {}
+    for g in todo:
+        rm = _choose_removed(g, rng)
+        if mode == "consumer":
+            zeroed = pm.zero_consumer_inputs(zeroed, consumer_layers(zeroed, g), rm)
+        keep[g.id] = np.setdiff1d(np.arange(g.size), rm)
+    if mode == "producer":
+        zeroed = _zero_producers(zeroed, groups, {gid: np.setdiff1d(np.arange(groups[gid].size), k)
+                                                  for gid, k in keep.items()})
+    pruned, stats = remove_channels(zeroed, keep, groups)
+    return groups, zeroed, pruned, stats, keep
+
+
+def _zero_producers(model, groups, removed):
+    from passes.prune.graph import _analysis
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    an, _ = _analysis(out)
+    arrs = pm.init_arrays(out)
+    for gid, rm in removed.items():
+        g = groups[gid]
+        for r in g.producers + [o for o in g.others if o.role == "dw"]:
+            n = next(n for n in out.graph.node if n.name == r.node)
+            pos = an.positions(n.output[0], gid)[rm, 0]
+            for k in (1, 2):
+                if len(n.input) > k and n.input[k]:
+                    A = arrs[n.input[k]].copy()
+                    if n.op_type == "Gemm" and k == 1:
+                        A[pos] = 0 if any(a.name == "transB" and a.i for a in n.attribute) else A[pos]
+                        if not any(a.name == "transB" and a.i for a in n.attribute):
+                            A[:, pos] = 0
+                    else:
+                        A[pos] = 0
+                    arrs[n.input[k]] = A
+                    pm.set_init(out, n.input[k], A)
+    return out
+
+
+def _check(model, zeroed, pruned, groups, keep, must_change=True) -> float:
+    hw = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    x = np.random.default_rng(1).standard_normal((1, 3, hw, hw)).astype(np.float32)
+    y0 = pm.run(model, x)
+    yz = pm.run(zeroed, x)
+    yp = pm.run(pruned, x)
+    # the zeroing did something (so this test can fail), and removal reproduces it exactly
+    changed = pm.rel_diff(yz, y0)
+    if must_change:
+        assert changed > 1e-4
+    err = pm.rel_diff(yp, yz)
+    assert err <= RTOL, f"pruned vs zeroed relative error {err:.2e}"
+    onnx.checker.check_model(pruned, full_check=True)
+    check_model(pruned)
+    assert pm.op_counts(pruned) == pm.op_counts(model)
+    assert [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]
+    assert {n.name for n in pruned.graph.node} == {n.name for n in model.graph.node}
+    # weights shrank exactly as predicted, cost model agrees with count_costs
+    arrs = pm.init_arrays(pruned)
+    before = pm.init_arrays(zeroed)
+    nodes = {n.name: n for n in pruned.graph.node}
+    expect: dict[str, int] = {}
+    for gid, k in keep.items():
+        for r in groups[gid].producers:
+            expect[r.node] = expect.get(r.node, 0) + groups[gid].size - len(k)
+    for name, removed in expect.items():
+        n = nodes[name]
+        trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+        axis = 1 if n.op_type in ("ConvTranspose", "MatMul") or (n.op_type == "Gemm" and not trans_b) else 0
+        assert arrs[n.input[1]].shape[axis] == before[n.input[1]].shape[axis] - removed, name
+    cm = CostModel(zeroed, groups)
+    macs, params = cm.costs({g: len(k) for g, k in keep.items()})
+    real = count_costs(pruned)
+    assert macs == real.macs and params == real.params
+    assert real.macs < cm.base_macs
+    return changed
+
+
+@pytest.mark.parametrize("name", sorted(pm.GRAPHS))
+def test_exact_consumer_zeroed(name):
+    model = pm.GRAPHS[name]()
+    groups, zeroed, pruned, stats, keep = _prune_zeroed(model, np.random.default_rng(0))
+    assert keep, f"{name}: no prunable group"
+    assert stats["groups_pruned"] == len(keep)
+    _check(model, zeroed, pruned, groups, keep)
+
+
+@pytest.mark.parametrize("name", ["chain", "chain_nobias", "residual", "concat", "silu", "split", "slice"])
+def test_exact_producer_zeroed(name):
+    """act(0) = 0 graphs: zeroing producer rows and biases makes the channel identically 0."""
+    model = pm.GRAPHS[name]()
+    groups, zeroed, pruned, stats, keep = _prune_zeroed(model, np.random.default_rng(2), mode="producer")
+    _check(model, zeroed, pruned, groups, keep)
+
+
+@pytest.mark.parametrize("name", sorted(pm.GRAPHS))
+def test_each_group_alone(name):
+    """Pruning one group at a time is exact too (catches couplings hidden by pruning everything together)."""
+    model = pm.GRAPHS[name]()
+    changes = []
+    for g in analyze(model):
+        if not g.prunable:
+            continue
+        groups, zeroed, pruned, _, keep = _prune_zeroed(model, np.random.default_rng(g.id), only={g.id})
+        changes.append(_check(model, zeroed, pruned, groups, keep, must_change=False))
+    assert max(changes) > 1e-4  # a removed channel could be dead by chance, not all of them
+
+
+# ----------------------------------------------------------------------------------------------- property test
+
+BLOCKS = ["conv", "dw", "grouped", "residual", "concat", "split", "se", "silu", "hardswish", "bn", "convt",
+          "resize", "slice"]
+
+
+def _random_model(blocks: list[str], widths: list[int], seed: int) -> onnx.ModelProto:
+    b = pm.GraphBuilder(seed=seed)
+    c = 4
+    x = b.act(b.conv("input", 3, c), "relu")
+    for blk, w in zip(blocks, widths):
+        if blk == "conv":
+            x, c = b.act(b.conv(x, c, w), "relu"), w
+        elif blk == "dw":
+            e = b.act(b.conv(x, c, w, k=1), "relu6")
+            e = b.act(b.conv(e, w, w, group=w), "relu6")
+            x, c = b.conv(e, w, c, k=1), c
+        elif blk == "grouped":
+            w4 = 4 * max(1, w // 4)
+            e = b.act(b.conv(x, c, w4, k=1), "relu")
+            x, c = b.act(b.conv(e, w4, w4, group=4), "relu"), w4
+        elif blk == "residual":
+            y = b.act(b.conv(x, c, w), "relu")
+            x = b.act(b.add(x, b.conv(y, w, c)), "relu")
+        elif blk == "concat":
+            y = b.act(b.conv(x, c, w, k=1), "relu")
+            x, c = b.concat([x, y]), c + w
+        elif blk == "split":
+            s = max(1, c // 3)
+            p, q = b.split(x, [s, c - s])
+            x, c = b.concat([b.act(b.conv(p, s, w), "relu"), q]), w + c - s
+        elif blk == "slice":
+            s = max(1, c // 2)
+            x, c = b.concat([b.slice(x, 0, s), b.act(b.conv(b.slice(x, s, c), c - s, w), "relu")]), s + w
+        elif blk == "se":
+            x = b.se(x, c, max(2, w // 2))
+        elif blk in ("silu", "hardswish"):
+            x, c = b.act(b.conv(x, c, w), blk), w
+        elif blk == "bn":
+            x, c = b.act(b.bn(b.conv(x, c, w, bias=False), w), "relu"), w
+        elif blk == "convt":
+            x, c = b.act(b.conv_t(x, c, w), "relu"), w
+        elif blk == "resize":
+            x = b.maxpool(b.resize(x))
+    return b.build(b.head(x, c))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=6), st.data())
+def test_random_architectures_exact(blocks, data):
+    widths = [data.draw(st.integers(3, 12)) for _ in blocks]
+    seed = data.draw(st.integers(0, 1000))
+    model = _random_model(blocks, widths, seed)
+    rng = np.random.default_rng(seed)
+    groups, zeroed, pruned, stats, keep = _prune_zeroed(model, rng)
+    assert keep  # at least the stem conv group is prunable
+    _check(model, zeroed, pruned, groups, keep)
