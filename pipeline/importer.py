@@ -1,14 +1,35 @@
-"""Importing ONNX files from any exporter.
+"""Importing ONNX files from any exporter, without trusting them.
 
-load_onnx_file: parse and validate (checker, known ops) without trusting the file.
+load_onnx_file(path) checks, in this order, and stops at the first problem with one EdgecError line:
+  1. the file: a regular file, not over protobuf's 2 GB limit (checked with stat, before any read);
+  2. the protobuf parses (truncated / corrupt files are refused);
+  3. the model skeleton: ir_version, a default-domain opset, a non-empty graph;
+  4. every tensor (initializers, Constant attributes, subgraphs): dims >= 0, and the stored element count equals
+     prod(dims); external-data references stay inside the model's directory (relative, no `..`, no absolute path,
+     no symlink out, a regular file) and lie within that file; nothing is read before all references are checked;
+  5. graph structure: every input of every node is produced by a graph input, an initializer or an earlier node;
+     no tensor is produced twice; no cycles (an acyclic but unsorted graph is sorted);
+  6. every op is a known ONNX / ONNX-ML / com.microsoft operator or a model-local function;
+  7. the ONNX checker passes (on the model *without* its external data loaded, so a model whose weights exceed
+     protobuf's 2 GB limit is still checked);
+  8. then external data is read (only the validated byte ranges) and weights are checked for NaN/Inf.
+
 fix_input_shapes: make symbolic input dims concrete (--input-shape name:1x3x224x224, else batch=1 and the
-spatial defaults) so every pass sees static shapes.
+spatial defaults) so every pass sees static shapes. `dynamic_axes`, `restore_dynamic_axes` and
+`verify_at_shapes` implement `--dynamic batch,height,width`: the emitted model keeps those axes symbolic and
+is checked against the original at two different shapes.
 """
 from __future__ import annotations
 
 import logging
+import math
+import os
+import stat
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from pipeline.errors import EdgecError
@@ -16,33 +37,418 @@ from pipeline.onnx_io import _first_line
 
 log = logging.getLogger(__name__)
 
+PROTOBUF_LIMIT = 2**31 - 1            # a serialized ModelProto cannot be larger
+LARGE_MODEL_BYTES = 1_800_000_000     # above this (proto + external data) the model is kept/checked via external data
+MAX_INPUT_ELEMENTS = 1 << 28          # one input tensor of more elements is refused (1 GiB of float32)
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+MIN_OPSET = 7
 
-def load_onnx_file(path: str | Path) -> onnx.ModelProto:
+_TYPED_FIELD = {  # data_type -> (field holding the values when raw_data is empty, values per element)
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
+}
+_PACKED4 = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_onnx_file(path: str | os.PathLike, *, max_bytes: int | None = None) -> onnx.ModelProto:
+    """Parse and validate an ONNX file from an untrusted source (see the module docstring for the rules).
+
+    max_bytes: refuse a model whose file plus external data exceed this (the --max-memory budget).
+    """
     path = Path(path)
+    name = path.name
     try:
-        data = path.read_bytes()
+        st = path.stat()
     except OSError as e:
         raise EdgecError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EdgecError(f"{path} is not a regular file")
+    if st.st_size > PROTOBUF_LIMIT:
+        raise EdgecError(f"{name} is {st.st_size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one ONNX file; "
+                         f"save it with its weights as external data (onnx.save_model(..., save_as_external_data=True))")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise EdgecError(f"{name} is {st.st_size / 2**20:.0f} MiB, more than the memory limit of {max_bytes / 2**20:.0f} MiB")
     try:
-        model = onnx.load_from_string(data)
-    except Exception as e:
-        raise EdgecError(f"{path.name} is not a valid ONNX protobuf (corrupt or truncated): {_first_line(e)}") from None
-    if not model.graph.node:
-        raise EdgecError(f"{path.name} has an empty graph")
-    if any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        from onnx.external_data_helper import load_external_data_for_model
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise EdgecError(f"cannot read {path}: {e.strerror}") from None
+    return load_onnx_bytes(data, name=name, base_dir=path.parent, max_bytes=max_bytes)
 
-        try:
-            load_external_data_for_model(model, str(path.parent))
-        except Exception as e:
-            raise EdgecError(f"{path.name}: cannot load external data: {_first_line(e)}") from None
+
+def load_onnx_bytes(data: bytes, *, name: str = "model.onnx", base_dir: str | os.PathLike | None = None,
+                    max_bytes: int | None = None) -> onnx.ModelProto:
+    """Parse and validate serialized ONNX; external data is resolved inside `base_dir` only."""
+    if not data:
+        raise EdgecError(f"{name} is empty")
+    model = onnx.ModelProto()
     try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise EdgecError(f"{path.name} fails the ONNX checker: {_first_line(e)}") from None
+        model.ParseFromString(data)
+    except Exception as e:  # google.protobuf.message.DecodeError and friends
+        raise EdgecError(f"{name} is not a valid ONNX protobuf (corrupt or truncated): {_first_line(e)}") from None
+    validate_model(model, name)
+    ext = plan_external_data(model, name, base_dir)
+    total = len(data) + sum(r[3] for r in ext)
+    if max_bytes is not None and total > max_bytes:
+        raise EdgecError(f"{name} needs {total / 2**20:.0f} MiB for its weights, more than the memory limit of "
+                         f"{max_bytes / 2**20:.0f} MiB")
+    _run_checker(_without_external(model) if ext else model, name)
+    if ext:
+        read_external_data(ext, name)
+    from pipeline.guards import check_finite_weights
+
+    check_finite_weights(model, name)
+    if total > LARGE_MODEL_BYTES:
+        log.info("%s holds %.2f GiB of weights: it is kept as external data when written", name, total / 2**30)
     return model
 
 
+def _without_external(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A small copy for the checker: external initializers become typed graph inputs (their data is checked by
+    plan_external_data), so the checker never needs the weights in memory nor a path to the model."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep, moved = [], []
+    for t in m.graph.initializer:
+        (moved if t.data_location == onnx.TensorProto.EXTERNAL else keep).append(t)
+    if moved:
+        listed = {i.name for i in m.graph.input}
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(keep)
+        m.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in moved if t.name not in listed)
+    for t in iter_tensors(m):  # external tensors inside attributes (rare): zeros of the right size
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = bytes(tensor_nbytes(t))
+    return m
+
+
+def _run_checker(model: onnx.ModelProto, name: str) -> None:
+    """The ONNX checker, on the model without external data (tensors still reference their files)."""
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as e:  # onnx raises several unrelated types
+        raise EdgecError(f"{name} fails the ONNX checker: {_first_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------------------------- structure
+def validate_model(model: onnx.ModelProto, name: str = "model") -> None:
+    """Skeleton, tensors, structure and ops. Raises EdgecError; sorts an acyclic unsorted graph in place."""
+    if not model.HasField("graph"):
+        raise EdgecError(f"{name} has no graph (not an ONNX model, or truncated)")
+    if model.ir_version <= 0:
+        raise EdgecError(f"{name} has no ir_version (not an ONNX model, or truncated)")
+    if model.ir_version > onnx.IR_VERSION:
+        raise EdgecError(f"{name} has IR version {model.ir_version}; this onnx supports up to {onnx.IR_VERSION}")
+    opsets = {}
+    for o in model.opset_import:
+        opsets[o.domain or ""] = o.version
+    default = opsets.get("", opsets.get("ai.onnx"))
+    if default is None:
+        raise EdgecError(f"{name} imports no default ONNX opset")
+    if not MIN_OPSET <= default <= onnx.defs.onnx_opset_version():
+        raise EdgecError(f"{name} uses ONNX opset {default}; edgec supports opsets {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    if not model.graph.node:
+        raise EdgecError(f"{name} has an empty graph")
+    for t in iter_tensors(model):
+        check_tensor_size(t, name)
+    functions = {(f.domain, f.name) for f in model.functions}
+    _check_graph(model.graph, name, outer=set(), functions=functions, opsets=opsets)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in the model: initializers and tensor attributes, in the main graph and all subgraphs."""
+    def graph_tensors(g):
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        for n in g.node:
+            yield from node_tensors(n)
+
+    def node_tensors(n):
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("sparse_tensor"):
+                yield a.sparse_tensor.values
+                yield a.sparse_tensor.indices
+            if a.HasField("g"):
+                yield from graph_tensors(a.g)
+            for sg in a.graphs:
+                yield from graph_tensors(sg)
+
+    yield from graph_tensors(model.graph)
+    for f in model.functions:
+        for n in f.node:
+            yield from node_tensors(n)
+
+
+def _elem_count(t: onnx.TensorProto, name: str) -> int:
+    if any(d < 0 for d in t.dims):
+        raise EdgecError(f"{name}: tensor '{t.name}' has a negative dimension {list(t.dims)}")
+    return math.prod(int(d) for d in t.dims)
+
+
+def tensor_nbytes(t: onnx.TensorProto, name: str = "model") -> int:
+    """Bytes of the tensor's raw (little-endian) encoding, from its dims and data type."""
+    n = _elem_count(t, name)
+    if t.data_type in _PACKED4:
+        return (n + 1) // 2
+    if t.data_type == onnx.TensorProto.STRING:
+        raise EdgecError(f"{name}: string tensor '{t.name}' cannot be stored as raw or external data")
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        raise EdgecError(f"{name}: tensor '{t.name}' has unknown data type {t.data_type}") from None
+    return n * itemsize
+
+
+def check_tensor_size(t: onnx.TensorProto, name: str = "model") -> None:
+    """The stored data must hold exactly prod(dims) elements (external data is checked against its file later)."""
+    if t.data_type == onnx.TensorProto.UNDEFINED:
+        raise EdgecError(f"{name}: tensor '{t.name}' has no data type")
+    if t.HasField("segment"):
+        raise EdgecError(f"{name}: tensor '{t.name}' is segmented, which edgec does not support")
+    n = _elem_count(t, name)
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        tensor_nbytes(t, name)  # type must have a fixed size
+        return
+    if t.raw_data:
+        want = tensor_nbytes(t, name)
+        if len(t.raw_data) != want:
+            raise EdgecError(f"{name}: tensor '{t.name}' has shape {list(t.dims)} ({n} elements, {want} bytes) but "
+                             f"stores {len(t.raw_data)} bytes")
+        return
+    field, per = _TYPED_FIELD.get(t.data_type, ("int32_data", 1))
+    have = len(getattr(t, field))
+    want = n * per
+    if t.data_type in _PACKED4:
+        want = (n + 1) // 2
+    if have != want:
+        raise EdgecError(f"{name}: tensor '{t.name}' has shape {list(t.dims)} ({n} elements) but stores {have} values")
+
+
+def _subgraph_free_names(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from its enclosing scopes."""
+    defined = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    free = set()
+    for n in g.node:
+        for i in n.input:
+            if i not in defined:
+                free.add(i)
+        for a in n.attribute:
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                free |= {x for x in _subgraph_free_names(sg) if x not in defined}
+        defined.update(n.output)
+    for o in g.output:
+        if o.name not in defined:
+            free.add(o.name)
+    return free
+
+
+def _node_label(n: onnx.NodeProto, idx: int) -> str:
+    return f"'{n.name}' ({n.op_type})" if n.name else f"#{idx} ({n.op_type})"
+
+
+def _check_graph(g: onnx.GraphProto, name: str, outer: set[str], functions: set, opsets: dict) -> None:
+    where = f"{name}" if not outer else f"{name} (subgraph '{g.name}')"
+    inputs = {i.name for i in g.input}
+    inits = {i.name for i in g.initializer} | {s.values.name for s in g.sparse_initializer}
+    available = inputs | inits | outer | {""}
+    producer: dict[str, int] = {}
+    for idx, n in enumerate(g.node):
+        for o in n.output:
+            if not o:
+                continue
+            if o in producer:
+                raise EdgecError(f"{where}: tensor '{o}' is produced twice (by nodes {_node_label(g.node[producer[o]], producer[o])} "
+                                 f"and {_node_label(n, idx)})")
+            if o in inputs or o in inits:
+                raise EdgecError(f"{where}: node {_node_label(n, idx)} overwrites graph input/initializer '{o}'")
+            producer[o] = idx
+    deps: list[set[int]] = []
+    for idx, n in enumerate(g.node):
+        _check_op(n, idx, where, functions, opsets)
+        reads = [i for i in n.input]
+        sub_defined = available | set(producer)
+        for a in n.attribute:
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _check_graph(sg, name, outer=sub_defined, functions=functions, opsets=opsets)
+                reads += sorted(_subgraph_free_names(sg))
+        d = set()
+        for i in reads:
+            if i in producer:
+                d.add(producer[i])
+            elif i not in available:
+                raise EdgecError(f"{where}: node {_node_label(n, idx)} reads '{i}', which no node, graph input or "
+                                 f"initializer produces (dangling input)")
+        deps.append(d)
+    for o in g.output:
+        if o.name not in producer and o.name not in available:
+            raise EdgecError(f"{where}: graph output '{o.name}' is produced by no node (dangling output)")
+    order = _topo_order(deps, g, where)
+    if order != list(range(len(g.node))):
+        log.info("%s: nodes were not in topological order; sorted", where)
+        nodes = [onnx.NodeProto() for _ in order]
+        for k, i in enumerate(order):
+            nodes[k].CopyFrom(g.node[i])
+        del g.node[:]
+        g.node.extend(nodes)
+
+
+def _topo_order(deps: list[set[int]], g: onnx.GraphProto, where: str) -> list[int]:
+    """Kahn's algorithm, stable (keeps the file's order where possible); a cycle is an error naming its nodes."""
+    indeg = [len(d) for d in deps]
+    users: list[list[int]] = [[] for _ in deps]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    import heapq
+
+    ready = [i for i, k in enumerate(indeg) if k == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(deps):
+        left = [i for i in range(len(deps)) if indeg[i] > 0]
+        cycle = _find_cycle(deps, set(left))
+        names = " -> ".join(_node_label(g.node[i], i) for i in cycle)
+        raise EdgecError(f"{where}: the graph has a cycle: {names}")
+    return order
+
+
+def _find_cycle(deps: list[set[int]], nodes: set[int]) -> list[int]:
+    start = min(nodes)
+    seen: dict[int, int] = {}
+    path = []
+    cur = start
+    while cur not in seen:
+        seen[cur] = len(path)
+        path.append(cur)
+        nxt = sorted(d for d in deps[cur] if d in nodes)
+        if not nxt:
+            return path
+        cur = nxt[0]
+    return path[seen[cur]:] + [cur]
+
+
+def _check_op(n: onnx.NodeProto, idx: int, where: str, functions: set, opsets: dict) -> None:
+    dom = n.domain or ""
+    if (dom, n.op_type) in functions:
+        return
+    if dom not in KNOWN_DOMAINS:
+        raise EdgecError(f"{where}: node {_node_label(n, idx)} uses op '{n.op_type}' from unknown domain '{dom}'; "
+                         f"edgec runs ops from ai.onnx, ai.onnx.ml and com.microsoft only (custom-op libraries are not supported)")
+    if dom not in opsets and not (dom == "ai.onnx" and "" in opsets):
+        raise EdgecError(f"{where}: node {_node_label(n, idx)} uses domain '{dom or 'ai.onnx'}' which the model does not import")
+    if dom in ("", "ai.onnx", "ai.onnx.ml") and not onnx.defs.has(n.op_type, dom if dom != "ai.onnx" else ""):
+        raise EdgecError(f"{where}: node {_node_label(n, idx)} uses '{n.op_type}', which is not an ONNX operator")
+
+
+# ----------------------------------------------------------------------------------------------- external data
+def _unsafe_location(loc: str) -> str | None:
+    """Why an external-data location is refused, or None when it is a plain relative path."""
+    if not loc:
+        return "empty location"
+    if "\x00" in loc:
+        return "NUL byte in path"
+    if os.path.isabs(loc) or loc.startswith(("/", "\\")) or (len(loc) > 1 and loc[1] == ":"):
+        return "absolute path"
+    parts = loc.replace("\\", "/").split("/")
+    if ".." in parts:
+        return "path escapes the model directory"
+    return None
+
+
+def plan_external_data(model: onnx.ModelProto, name: str, base_dir) -> list[tuple]:
+    """Validate every external-data reference before anything is read.
+
+    Returns [(tensor, file path, offset, length)]. The file must be a regular file inside `base_dir`
+    (after resolving symlinks) and [offset, offset+length) must lie within it; length must equal the
+    byte size implied by the tensor's dims and type.
+    """
+    plans = []
+    base = None
+    for t in iter_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            if t.external_data:
+                raise EdgecError(f"{name}: tensor '{t.name}' has external-data fields but is not marked external")
+            continue
+        info = {}
+        for kv in t.external_data:
+            info[kv.key] = kv.value
+        loc = info.get("location", "")
+        why = _unsafe_location(loc)
+        if why:
+            raise EdgecError(f"{name}: refusing external data '{loc}' of tensor '{t.name}': {why}; "
+                             f"external data must be a file inside the model's directory")
+        if base_dir is None:
+            raise EdgecError(f"{name}: tensor '{t.name}' references external data but the model has no directory")
+        if base is None:
+            base = Path(base_dir).resolve()
+        p = (base / loc)
+        try:
+            real = p.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise EdgecError(f"{name}: external data file '{loc}' of tensor '{t.name}' does not exist") from None
+        if real != base and base not in real.parents:
+            raise EdgecError(f"{name}: refusing external data '{loc}' of tensor '{t.name}': it resolves outside the "
+                             f"model's directory")
+        st = real.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise EdgecError(f"{name}: external data '{loc}' of tensor '{t.name}' is not a regular file")
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise EdgecError(f"{name}: tensor '{t.name}' has a non-integer external-data offset/length") from None
+        want = tensor_nbytes(t, name)
+        if length is None:
+            length = want
+        if offset < 0 or length != want:
+            raise EdgecError(f"{name}: tensor '{t.name}' has shape {list(t.dims)} ({want} bytes) but its external data "
+                             f"says offset {offset}, length {length}")
+        if offset + length > st.st_size:
+            raise EdgecError(f"{name}: external data '{loc}' is {st.st_size} bytes, too short for tensor '{t.name}' "
+                             f"(needs bytes {offset}..{offset + length})")
+        plans.append((t, real, offset, length))
+    return plans
+
+
+def read_external_data(plans: list[tuple], name: str) -> None:
+    """Read each validated byte range into its tensor's raw_data (one open per file)."""
+    by_file: dict[Path, list[tuple]] = {}
+    for t, p, off, n in plans:
+        by_file.setdefault(p, []).append((t, off, n))
+    for p, items in by_file.items():
+        try:
+            with open(p, "rb") as f:
+                for t, off, n in sorted(items, key=lambda it: it[1]):
+                    f.seek(off)
+                    buf = f.read(n)
+                    if len(buf) != n:
+                        raise EdgecError(f"{name}: external data '{p.name}' ended early reading tensor '{t.name}'")
+                    t.raw_data = buf
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+        except OSError as e:
+            raise EdgecError(f"{name}: cannot read external data '{p.name}': {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------------------------- shapes
 def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     """--input-shape name:1x3x224x224 (repeatable) -> {name: shape}; a bare 1x3x224x224 applies to the first input."""
     out = {}
@@ -54,34 +460,185 @@ def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             raise EdgecError(f"bad --input-shape '{s}': expected name:1x3x224x224") from None
         if not shape or any(d <= 0 for d in shape):
             raise EdgecError(f"bad --input-shape '{s}': dims must be positive")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise EdgecError(f"bad --input-shape '{s}': {math.prod(shape)} elements is more than edgec accepts "
+                             f"({MAX_INPUT_ELEMENTS})")
         out[name] = shape
     return out
 
 
-def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], default_hw: int = 224) -> onnx.ModelProto:
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], default_hw: int = 224,
+                     keep: dict[str, dict[int, str]] | None = None) -> onnx.ModelProto:
+    """Make symbolic input dims concrete. `keep` {input: {axis: dim_param}} leaves those axes symbolic."""
+    inputs = _graph_inputs(model)
     if "" in shapes:
+        if not inputs:
+            raise EdgecError("the model has no graph inputs")
         shapes = {**{k: v for k, v in shapes.items() if k}, inputs[0].name: shapes[""]}
     unknown = set(shapes) - {i.name for i in inputs}
     if unknown:
         raise EdgecError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}; inputs: {', '.join(i.name for i in inputs)}")
+    keep = keep or {}
     for inp in inputs:
+        if inp.type.WhichOneof("value") != "tensor_type":
+            raise EdgecError(f"input '{inp.name}' is not a tensor (sequence/map/optional inputs are not supported)")
+        if not inp.type.tensor_type.HasField("shape"):
+            raise EdgecError(f"input '{inp.name}' has no shape; give one with --input-shape {inp.name}:1x3x224x224")
         dims = inp.type.tensor_type.shape.dim
+        kept = keep.get(inp.name, {})
         want = shapes.get(inp.name)
         if want is not None:
             if len(want) != len(dims):
                 raise EdgecError(f"--input-shape {inp.name}: rank {len(want)} but the model input has rank {len(dims)}")
-            for d, w in zip(dims, want):
+            for k, (d, w) in enumerate(zip(dims, want)):
                 if d.HasField("dim_value") and d.dim_value != w and d.dim_value > 0:
                     raise EdgecError(f"--input-shape {inp.name}: dim {w} conflicts with the model's fixed {d.dim_value}")
+                if k in kept:
+                    continue
                 d.Clear()
                 d.dim_value = w
             continue
         for k, d in enumerate(dims):
+            if k in kept:
+                continue
             if not d.HasField("dim_value") or d.dim_value <= 0:
                 v = 1 if k == 0 else (3 if (k == 1 and len(dims) == 4) else default_hw)
                 d.Clear()
                 d.dim_value = v
+        n = math.prod(d.dim_value for d in dims if d.HasField("dim_value"))
+        if n > MAX_INPUT_ELEMENTS:
+            raise EdgecError(f"input '{inp.name}' has {n} elements, more than edgec accepts ({MAX_INPUT_ELEMENTS})")
     del model.graph.value_info[:]
     return model
+
+
+_AXIS_WORDS = {"batch": 0, "n": 0, "channels": 1, "c": 1}
+
+
+def dynamic_axes(model: onnx.ModelProto, axes: list[str] | str | None, layout: str = "NCHW") -> dict[str, dict[int, str]]:
+    """--dynamic batch,height,width -> {input: {axis: dim_param}} for the model's inputs.
+
+    Words: batch (axis 0), height/width (axes 2/3 for rank-4 NCHW inputs, 1/2 for NHWC), sequence (axis 1 of
+    rank-2/3 inputs), an integer axis, or the name of a symbolic dim in the original model
+    (e.g. `p2o.DynamicDimension.0`). The dim keeps the original's symbol when it had one.
+    """
+    if isinstance(axes, str):
+        axes = [a for a in axes.split(",") if a.strip()]
+    out: dict[str, dict[int, str]] = {}
+    if not axes:
+        return out
+    for inp in _graph_inputs(model):
+        dims = inp.type.tensor_type.shape.dim
+        r = len(dims)
+        sel: dict[int, str] = {}
+        for word in (a.strip() for a in axes):
+            w = word.lower()
+            if w in _AXIS_WORDS:
+                k = _AXIS_WORDS[w]
+            elif w in ("height", "h"):
+                k = 2 if (r == 4 and layout == "NCHW") else (1 if r == 4 else None)
+            elif w in ("width", "w"):
+                k = 3 if (r == 4 and layout == "NCHW") else (2 if r == 4 else None)
+            elif w in ("sequence", "seq", "tokens"):
+                k = 1 if r in (2, 3) else None
+            elif w.lstrip("-").isdigit():
+                k = int(w) % r if r else None
+            else:
+                hits = [j for j, d in enumerate(dims) if d.dim_param == word]
+                k = hits[0] if hits else None
+                if k is None and not any(word == d.dim_param for i2 in _graph_inputs(model) for d in i2.type.tensor_type.shape.dim):
+                    raise EdgecError(f"--dynamic: unknown axis '{word}'; use batch, height, width, sequence, an axis "
+                                     f"number or a symbolic dim name of the model")
+            if k is None or k >= r:
+                continue
+            d = dims[k]
+            if d.HasField("dim_value") and d.dim_value > 0 and not w.lstrip("-").isdigit() and w not in _AXIS_WORDS:
+                continue  # a fixed dim in the original stays fixed (e.g. a model with fixed H/W)
+            sym = d.dim_param if d.dim_param and d.dim_param != "?" else f"{inp.name}_{word}"
+            sel[k] = sym
+        if sel:
+            out[inp.name] = sel
+    if not out:
+        raise EdgecError(f"--dynamic {','.join(axes)}: no input has such an axis")
+    return out
+
+
+def restore_dynamic_axes(model: onnx.ModelProto, original: onnx.ModelProto,
+                         axes: dict[str, dict[int, str]]) -> onnx.ModelProto:
+    """Mark the chosen input axes symbolic again in the compiled model; output dims that were symbolic in the
+    original become symbolic (their original name), and stale value_info is dropped and re-inferred."""
+    for inp in _graph_inputs(model):
+        for k, sym in axes.get(inp.name, {}).items():
+            d = inp.type.tensor_type.shape.dim[k]
+            d.Clear()
+            d.dim_param = sym
+    orig_out = {o.name: o for o in original.graph.output}
+    for o in model.graph.output:
+        ref = orig_out.get(o.name)
+        if ref is None or not o.type.tensor_type.HasField("shape"):
+            continue
+        rdims = ref.type.tensor_type.shape.dim
+        dims = o.type.tensor_type.shape.dim
+        for j, d in enumerate(dims):
+            if j < len(rdims) and not (rdims[j].HasField("dim_value") and rdims[j].dim_value > 0):
+                d.Clear()
+                d.dim_param = rdims[j].dim_param if rdims[j].dim_param and rdims[j].dim_param != "?" else f"{o.name}_d{j}"
+    del model.graph.value_info[:]
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:
+        raise EdgecError(f"the compiled model is not valid with dynamic axes: {_first_line(e)}") from None
+    return model
+
+
+def shapes_with(base: dict[str, tuple[int, ...]], axes: dict[str, dict[int, str]], bump: int) -> dict[str, tuple[int, ...]]:
+    """A second valid shape: every dynamic axis changed (batch +1, spatial/sequence + bump)."""
+    out = {}
+    for name, shp in base.items():
+        s = list(shp)
+        for k in axes.get(name, {}):
+            s[k] = s[k] + (1 if k == 0 else bump)
+        out[name] = tuple(s)
+    return out
+
+
+def verify_at_shapes(model: onnx.ModelProto, reference: onnx.ModelProto, shapes: list[dict[str, tuple[int, ...]]],
+                     *, seed: int = 0, cosine_min: float = 0.0) -> list[dict]:
+    """Run the compiled model and the reference at each input shape on the same seeded inputs; returns per-shape
+    per-output fidelity. Raises EdgecError when the compiled model fails to run or its output shapes differ."""
+    from pipeline.fidelity import Comparator
+    from pipeline.onnx_io import np_dtype, ort_session, run_session
+
+    cand = ort_session(model, optimize=False)
+    ref = ort_session(reference, optimize=False)
+    names = [o.name for o in reference.graph.output]
+    types = {i.name: np_dtype(i.type.tensor_type.elem_type) for i in _graph_inputs(reference)}
+    results = []
+    for k, shp in enumerate(shapes):
+        rng = np.random.default_rng([seed, 11, k])
+        feeds = {}
+        for n, s in shp.items():
+            dt = types.get(n, np.float32)
+            feeds[n] = (rng.integers(0, 8, size=s) if np.issubdtype(dt, np.integer) else rng.standard_normal(s)).astype(dt)
+        label = "x".join(str(v) for s in shp.values() for v in s)
+        try:
+            a = run_session(cand, feeds)
+        except EdgecError as e:
+            raise EdgecError(f"the compiled model does not run at input shape {label}: {e}") from None
+        r = run_session(ref, feeds)
+        for n, x, y in zip(names, a, r):
+            if x.shape != y.shape:
+                raise EdgecError(f"at input shape {label}, output '{n}' has shape {x.shape}, the original {y.shape}")
+        comp = Comparator(names)
+        comp.update(a, r)
+        res = comp.result()
+        res["shape"] = {n: list(s) for n, s in shp.items()}
+        if res["summary"]["cosine_min"] < cosine_min:
+            raise EdgecError(f"at input shape {label}, output cosine {res['summary']['cosine_min']:.4f} < {cosine_min}")
+        results.append(res)
+    return results
