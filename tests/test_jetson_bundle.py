@@ -136,6 +136,14 @@ def test_scripts_compile_and_build_engine_is_the_builder(bundle):
     assert (ROOT / "targets/tensorrt/runner.py").read_text().strip() in src
 
 
+@pytest.mark.parametrize("name", ["bench.py", "build_engine.py"])
+def test_scripts_parse_as_python_38(bundle, name):
+    """JetPack 5/6 ship Python 3.8/3.10: the device scripts must not need newer syntax."""
+    import ast
+
+    ast.parse((bundle[0] / name).read_text(), feature_version=(3, 8))
+
+
 def test_manifest_hashes_every_file(bundle):
     out, _ = bundle
     man = json.loads((out / "manifest.json").read_text())

@@ -245,7 +245,10 @@ def build_engine(opts):
         raise BuildError("ONNX file %s does not exist" % opts.onnx_path)
     logger = trt.Logger(trt.Logger.VERBOSE if opts.verbose else trt.Logger.WARNING)
     t0 = time.perf_counter()
-    builder = trt.Builder(logger)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as e:  # TensorRT raises when no CUDA device or driver is usable
+        raise BuildError("TensorRT could not create a builder (no CUDA GPU or driver?): %s" % str(e).strip()[:200])
     if builder is None:
         raise BuildError("TensorRT could not create a builder (no CUDA GPU or driver?)")
 
