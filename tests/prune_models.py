@@ -22,13 +22,15 @@ class GraphBuilder:
         self.hw = hw
         self.c_in = c_in
         self.n = 0
+        self.nc = 0
 
     def _name(self, op: str) -> str:
         self.n += 1
         return f"{op.lower()}{self.n}"
 
     def const(self, arr: np.ndarray, name: str | None = None) -> str:
-        name = name or self._name("c")
+        self.nc += 1
+        name = name or f"c{self.nc}"
         self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
