@@ -18,8 +18,11 @@ a normalization over channels, a graph input/output) closes every channel it tou
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,7 +126,7 @@ class _Analysis:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         g = model.graph
-        self.nodes = list(g.node)
+        self.nodes = [_copy_node(n) for n in g.node]
         self.names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(self.nodes)]
         self.consts: dict[str, np.ndarray] = {}
         for init in g.initializer:
@@ -158,6 +161,9 @@ class _Analysis:
                     self.users.setdefault(x, []).append((i, k))
         self._propagate()
         self._components()
+        # keep only what later queries need: small constants, no reference to the model or its weights
+        self.model = None
+        self.consts = {k: v for k, v in self.consts.items() if v.size <= 64}
 
     # ---------------------------------------------------------------- element bookkeeping
     def new_root(self, size: int, reason: str | None = None) -> np.ndarray:
@@ -362,6 +368,12 @@ class _Analysis:
 
 class _Unsupported(Exception):
     pass
+
+
+def _copy_node(n: onnx.NodeProto) -> onnx.NodeProto:
+    c = onnx.NodeProto()
+    c.CopyFrom(n)
+    return c
 
 
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub", "Mul", "Div", "Cast",
@@ -968,7 +980,39 @@ _HANDLERS = {
 
 # ----------------------------------------------------------------------------------------------- groups
 
+_CACHE: "OrderedDict[bytes, tuple[_Analysis, list[Group]]]" = OrderedDict()
+_CACHE_SIZE = 6
+
+
+def _fingerprint(model: onnx.ModelProto) -> bytes:
+    """Structure of the model: nodes, initializer names/dims/types, small integer constants, graph I/O."""
+    h = hashlib.blake2b(digest_size=20)
+    g = model.graph
+    for n in g.node:
+        h.update(n.SerializeToString())
+    for i in g.initializer:
+        h.update(f"{i.name}|{tuple(i.dims)}|{i.data_type};".encode())
+        if i.data_type not in _PARAM_TYPES and int(np.prod(i.dims)) <= 64:
+            h.update(i.SerializeToString())
+    for vi in list(g.input) + list(g.output):
+        h.update(vi.SerializeToString())
+    return h.digest()
+
+
 def _analysis(model: onnx.ModelProto) -> tuple[_Analysis, list[Group]]:
+    """The analysis of the model's structure (cached by structure; weight values are always read from `model`)."""
+    key = _fingerprint(model)
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _CACHE[key] = _build_analysis(model)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return hit[0], copy.deepcopy(hit[1])
+
+
+def _build_analysis(model: onnx.ModelProto) -> tuple[_Analysis, list[Group]]:
     an = _Analysis(model)
     extra_reason: dict[int, str] = {}
     # grouped conv: the group must fill the whole blocked tensor in canonical order
@@ -1083,9 +1127,22 @@ def _node_index(an: _Analysis, name: str) -> int:
     return an.names.index(name)
 
 
-def _group_slices_of_weight(an: _Analysis, gid: int, node_idx: int, inp: int, want: str):
+class _Reader:
+    """Current values of a model's constants (initializers and Constant nodes), converted on demand."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.cnodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        return numpy_helper.to_array(next(a.t for a in self.cnodes[name].attribute if a.name == "value"))
+
+
+def _group_slices_of_weight(an: _Analysis, rd: _Reader, gid: int, node_idx: int, inp: int, want: str):
     """Per-channel slices (size, k) of node.input[inp] along the axis driven by the group (want='out'|'in')."""
-    W = an.consts[an.nodes[node_idx].input[inp]]
+    W = rd[an.nodes[node_idx].input[inp]]
     for s in an.slices:
         if s.node != node_idx or s.inp != inp or not (an.t_groups(s.t) == gid).any():
             continue
@@ -1110,9 +1167,10 @@ def _group_slices_of_weight(an: _Analysis, gid: int, node_idx: int, inp: int, wa
 def producer_weights(model: onnx.ModelProto, g: Group) -> list[np.ndarray]:
     """(g.size, k) out-channel slices of each producer weight (conv axis 0, Gemm output rows), depthwise convs included."""
     an, _ = _analysis(model)
+    rd = _Reader(model)
     res = []
     for r in g.producers + [o for o in g.others if o.role == "dw"]:
-        w = _group_slices_of_weight(an, g.id, _node_index(an, r.node), 1, "out")
+        w = _group_slices_of_weight(an, rd, g.id, _node_index(an, r.node), 1, "out")
         if w is not None:
             res.append(w)
     return res
@@ -1121,9 +1179,10 @@ def producer_weights(model: onnx.ModelProto, g: Group) -> list[np.ndarray]:
 def consumer_weights(model: onnx.ModelProto, g: Group) -> list[np.ndarray]:
     """(g.size, k) input-channel slices of each consumer weight (grouped convs: that channel's block rows)."""
     an, _ = _analysis(model)
+    rd = _Reader(model)
     res = []
     for r in g.consumers:
-        w = _group_slices_of_weight(an, g.id, _node_index(an, r.node), 1, "in")
+        w = _group_slices_of_weight(an, rd, g.id, _node_index(an, r.node), 1, "in")
         if w is not None:
             res.append(w)
     return res
@@ -1132,6 +1191,7 @@ def consumer_weights(model: onnx.ModelProto, g: Group) -> list[np.ndarray]:
 def bn_scales(model: onnx.ModelProto, g: Group) -> np.ndarray | None:
     """|gamma| / sqrt(var + eps) of the first unfused BatchNormalization on the group, else |c| of a per-channel Mul."""
     an, _ = _analysis(model)
+    rd = _Reader(model)
     for role in ("bn", "scale"):
         for r in g.others:
             if r.role != role or (role == "scale" and r.op != "Mul"):
@@ -1142,11 +1202,11 @@ def bn_scales(model: onnx.ModelProto, g: Group) -> np.ndarray | None:
             pos = an.positions(t, g.id)[:, 0]
             if role == "bn":
                 eps = float(_attr(n, "epsilon", 1e-5))
-                gamma, var = an.consts[n.input[1]], an.consts[n.input[4]]
+                gamma, var = rd[n.input[1]], rd[n.input[4]]
                 return (np.abs(gamma) / np.sqrt(var + eps))[pos].astype(np.float64)
             for s in an.slices:
                 if s.node == i:
-                    c = np.moveaxis(an.consts[n.input[s.inp]], s.axis, 0)
+                    c = np.moveaxis(rd[n.input[s.inp]], s.axis, 0)
                     return np.abs(c[pos].reshape(len(pos), -1)).mean(1).astype(np.float64)
     return None
 
