@@ -396,3 +396,25 @@ def test_build_engine_cli_without_tensorrt(builder_mod, bundle, capsys):
 def test_bad_build_option_is_user_error(tmp_path):
     with pytest.raises(EdgecError, match="optimization level"):
         build_bundle(tmp_path, extra={"builder_opt_level": 9})
+
+
+# ----------------------------------------------------------------------------- target module: tensorrt
+
+def test_tensorrt_target_checks_rules_and_writes_trtexec(tmp_path):
+    from targets import get_target
+
+    trt = get_target("tensorrt")
+    assert trt.NAME == "tensorrt" and trt.DIALECT.name == "tensorrt" and trt.CHANNEL_ALIGN == 8
+    assert trt.DIALECT.activation_dtype == "int8" and trt.DIALECT.activation_symmetric
+    res = trt.build(tiny_classifier(quantized=True), tmp_path, make_ctx())
+    assert {"model.onnx", "rules.json", "trtexec.sh"} <= {p.name for p in tmp_path.iterdir()}
+    assert "--stronglyTyped" in (tmp_path / "trtexec.sh").read_text()
+    assert json.loads((tmp_path / "rules.json").read_text())["passed"] is True
+    if not HAS_TRT:
+        assert res["deferred"] and res["engine"] is None and "tensorrt not installed" in res["deferred_reason"]
+        assert trt.bench(tmp_path, make_ctx()) == {"skipped": "TensorRT benchmark not run: tensorrt not installed"}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(EdgecError, match=r"\[qdq-zero-point\] node 'x_q'"):
+        trt.build(tiny_classifier(quantized=True, zero_point=1), bad, make_ctx())
+    assert not any(bad.iterdir())

@@ -41,6 +41,9 @@ def _edgec_version() -> str:
         return "unknown"
 
 
+precheck = trt_target.precheck  # the rule checker, before any pass runs
+
+
 def final_dir(outdir: Path, ctx: BuildContext) -> Path:
     """Where the bundle ends up: ctx.extra['out'], else the staged directory's final name (see staged_dir)."""
     if (ctx.extra or {}).get("out"):

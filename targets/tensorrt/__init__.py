@@ -93,6 +93,11 @@ def check_rules(model: onnx.ModelProto, outdir: Path | None = None) -> dict:
     return {"passed": rep.passed, "errors": len(rep.errors), "warnings": len(rep.warnings)}
 
 
+def precheck(model: onnx.ModelProto) -> dict:
+    """The rule checker on the imported model, before any pass runs (compile calls this first when present)."""
+    return check_rules(model)
+
+
 def engine_build(outdir: Path, settings: dict) -> dict:
     """Build outdir/model.engine from outdir/model.onnx (needs tensorrt + GPU)."""
     from targets.tensorrt import builder as B
