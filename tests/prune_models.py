@@ -126,13 +126,13 @@ class GraphBuilder:
         C = self.const(self.w(classes, scale=0.1))
         return self.node("Gemm", [f, B, C], transB=1)[0]
 
-    def build(self, out: str, out_shape=(1, 10)) -> onnx.ModelProto:
+    def build(self, out: str, out_shape=(1, 10), opset: int = OPSET) -> onnx.ModelProto:
         self.nodes.append(helper.make_node("Identity", [out], ["output"], name="out_identity"))
         g = helper.make_graph(
             self.nodes, "prune_test",
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, self.c_in, self.hw, self.hw])],
             [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))], self.inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         m.ir_version = 8
         onnx.checker.check_model(m)
         return m
@@ -273,11 +273,32 @@ def unfused_bn() -> onnx.ModelProto:
     return b.build(b.head(z, 8))
 
 
+def split_even_opset18() -> onnx.ModelProto:
+    """Split with num_outputs (opset 18) and no sizes: removal must add explicit sizes."""
+    b = GraphBuilder()
+    x = b.act(b.conv("input", 3, 12), "relu")
+    p, q = b.node("Split", [x], n_out=2, axis=1, num_outputs=2)
+    y = b.act(b.conv(b.concat([b.act(b.conv(p, 6, 4), "relu"), q]), 10, 8), "relu")
+    return b.build(b.head(y, 8), opset=18)
+
+
+def instnorm_prelu() -> onnx.ModelProto:
+    b = GraphBuilder()
+    x = b.conv("input", 3, 8)
+    x = b.node("InstanceNormalization", [x, b.const((1 + 0.2 * b.rng.standard_normal(8)).astype(np.float32)),
+                                         b.const((0.1 * b.rng.standard_normal(8)).astype(np.float32))])[0]
+    x = b.node("PRelu", [x, b.const((0.1 + 0.1 * b.rng.random((8, 1, 1))).astype(np.float32))])[0]
+    x = b.node("Sub", [b.conv(x, 8, 6), b.const((0.1 * b.rng.standard_normal((1, 6, 1, 1))).astype(np.float32))])[0]
+    x = b.node("Div", [b.act(x, "relu"), b.const((1 + b.rng.random((6, 1, 1))).astype(np.float32))])[0]
+    return b.build(b.head(x, 6))
+
+
 GRAPHS = {
     "chain": chain, "chain_nobias": lambda: chain(bias=False), "depthwise": depthwise, "grouped": grouped,
     "residual": residual, "concat": concat, "split": split, "slice": slice_, "se": se_block,
     "flatten_gemm": flatten_gemm, "reshape_matmul": reshape_gemm, "conv_transpose": conv_transpose,
     "resize_pad_pool": resize, "silu": silu, "hardswish": hardswish, "unfused_bn": unfused_bn,
+    "split_opset18": split_even_opset18, "instnorm_prelu_sub_div": instnorm_prelu,
 }
 
 
