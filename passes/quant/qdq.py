@@ -306,6 +306,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
 
     # activations
     act_info = {}
+    channels = _channels(m, q_tensors)
     for t in q_tensors:
         p = qp[t]
         s_name, z_name = uniq(f"{t}_scale"), uniq(f"{t}_zero_point")
@@ -315,8 +316,24 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
         qn = helper.make_node("QuantizeLinear", [t, s_name, z_name], [tq], name=uniq(f"{t}_Q"))
         dqn = helper.make_node("DequantizeLinear", [tq, s_name, z_name], [tdq], name=uniq(f"{t}_DQ"))
         new_nodes_after[t] += [qn, dqn]
+        pc_dq = None
         for ni, ii in consumers_idx.get(t, []):
-            rename[(ni, ii)] = tdq
+            cn = g.node[ni]
+            lname = layer_name(cn, ni)
+            if ii == 0 and lname in by_name and bits.get(lname, 32) != 8 and channels.get(t, 0) > 1:
+                # A non-int8 layer must not read a per-tensor DQ: ORT's WeightBiasQuantization would silently
+                # quantize its float weights per-tensor. A per-channel DQ (equal scales) keeps it fp32, same values.
+                if pc_dq is None:
+                    c = channels[t]
+                    ps_name, pz_name = uniq(f"{t}_scale_pc"), uniq(f"{t}_zero_point_pc")
+                    new_inits.append(numpy_helper.from_array(np.full(c, p.scale, np.float32), ps_name))
+                    new_inits.append(numpy_helper.from_array(np.full(c, p.zero_point, _np_dtype(p.dtype)), pz_name))
+                    pc_dq = uniq(f"{t}_DequantizeLinear_pc")
+                    new_nodes_after[t].append(helper.make_node("DequantizeLinear", [tq, ps_name, pz_name], [pc_dq],
+                                                               axis=1, name=uniq(f"{t}_DQ_pc")))
+                rename[(ni, ii)] = pc_dq
+            else:
+                rename[(ni, ii)] = tdq
         act_info[t] = {"scale": p.scale, "zero_point": p.zero_point, "dtype": p.dtype}
 
     # weights
@@ -434,6 +451,21 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
     g.initializer.extend(new_inits)
     _drop_unused_initializers(m)
     return m, {"layers": info_layers, "activations": act_info}
+
+
+def _channels(m: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """Size of axis 1 of each tensor (0 when unknown), from ONNX shape inference."""
+    try:
+        inf = onnx.shape_inference.infer_shapes(m)
+    except Exception:
+        inf = m
+    out = {}
+    want = set(names)
+    for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
+        if vi.name in want:
+            d = vi.type.tensor_type.shape.dim
+            out[vi.name] = d[1].dim_value if len(d) > 1 and d[1].HasField("dim_value") else 0
+    return out
 
 
 def _output_shift(L: Layer, dw: np.ndarray, mean: np.ndarray) -> np.ndarray | None:

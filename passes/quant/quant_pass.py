@@ -1,0 +1,390 @@
+"""Mixed-bit quantization: per-layer bits b_l = argmin sum_l S_{l,b_l} s.t. one budget, then Q/DQ by dialect.
+
+Steps: fold zero Pads into Conv (exact) -> stream activation statistics (bounded memory) and pick clip ranges
+(minmax | percentile | entropy | mse | auto = lowest expected quantization MSE per tensor) -> if a budget is given,
+measure per-layer sensitivity S_{l,b} one layer at a time (cached) and solve the multiple-choice knapsack exactly
+(passes.quant.allocate) under target_size_bytes | target_bits_per_weight | target_latency_ms | target_speedup;
+latency costs come from ctx.target_probe.layer_latency_table (measured on the target) or, without a probe,
+from a MAC proxy (int8 = 0.5x fp32 per MAC), which the stats say -> emit Q/DQ (passes.quant.qdq) with bias
+correction -> with a probe, re-measure the whole model and tighten the latency budget until it is met ->
+fidelity floor (min_top1_agreement / max_accuracy_drop on calibration samples): promote the most sensitive
+layers until the floor holds; never return a model below it -> kernel check through the probe.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from calib.ranges import ESTIMATORS
+from calib.stats import collect_stats
+from passes.base import PassContext, PassResult, register_pass
+from passes.costs import count_costs
+from passes.quant import allocate
+from passes.quant.dialect import ORT_CPU, QuantDialect
+from passes.quant.qdq import Layer, find_layers, fold_pads, insert_qdq, op_counts, plan_activations, weight_bits
+from passes.quant.sensitivity import measure_sensitivity, output_distance
+from pipeline.errors import EdgecError
+from pipeline.onnx_io import ort_session, run_session
+
+log = logging.getLogger(__name__)
+
+CALIBRATIONS = ESTIMATORS + ("auto",)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    bits: tuple[int, ...] | None = None          # candidate bitwidths (default: by budget kind and dialect)
+    target_size_bytes: int | None = None         # weights of quantizable layers + other initializers
+    target_bits_per_weight: float | None = None  # over quantizable layers' weights, scales included
+    target_latency_ms: float | None = None       # batch-1 latency on the target
+    target_speedup: float | None = None          # latency budget = fp32 latency / speedup
+    calibration: str = "mse"
+    percentile: float = 99.999
+    weight_method: str = "minmax"                # minmax | mse (per-channel clip)
+    metric: str = "kl"                           # kl | mse
+    calib_samples: int = 64
+    sensitivity_samples: int = 16
+    bias_correction: bool = True
+    fold_pads: bool = True
+    default_bits: int = 8                        # all layers at this precision when no budget is given
+    keep_fp32: tuple[str, ...] = ()
+    min_top1_agreement: float | None = None
+    max_accuracy_drop: float | None = None       # in points of accuracy (0-100), needs calibration labels
+    floor_samples: int = 64
+    kernel_check: bool = True
+    latency_iterations: int = 4
+    pareto_points: int = 12
+    pareto_plot: str | None = None
+    sensitivities: dict | None = field(default=None, compare=False)  # precomputed {layer: {bits: S}} (joint search)
+
+    def __post_init__(self):
+        budgets = [x for x in (self.target_size_bytes, self.target_bits_per_weight, self.target_latency_ms,
+                               self.target_speedup) if x is not None]
+        if len(budgets) > 1:
+            raise ValueError("give at most one of target_size_bytes, target_bits_per_weight, target_latency_ms, target_speedup")
+        if any(b is not None and b <= 0 for b in budgets):
+            raise ValueError("budgets must be positive")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
+        if self.weight_method not in ("minmax", "mse"):
+            raise ValueError("weight_method must be minmax or mse")
+        if self.metric not in ("kl", "mse"):
+            raise ValueError("metric must be kl or mse")
+        if self.bits is not None:
+            object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+            if any(b not in (32, 16, 8, 4, 3, 2) for b in self.bits):
+                raise ValueError("bits must be among 32, 16, 8, 4, 3, 2")
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32 or ()))
+        if self.default_bits not in (32, 16, 8, 4, 3, 2):
+            raise ValueError("default_bits must be among 32, 16, 8, 4, 3, 2")
+        if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
+            raise ValueError("min_top1_agreement is a fraction in [0, 1]")
+        if self.calib_samples <= 0 or self.sensitivity_samples <= 0:
+            raise ValueError("sample counts must be positive")
+
+    @property
+    def budget_kind(self) -> str | None:
+        if self.target_size_bytes is not None:
+            return "size"
+        if self.target_bits_per_weight is not None:
+            return "bits_per_weight"
+        if self.target_latency_ms is not None or self.target_speedup is not None:
+            return "latency"
+        return None
+
+
+def candidate_bits(layers: list[Layer], dialect: QuantDialect, opts: QuantOptions) -> dict[str, list[int]]:
+    kind = opts.budget_kind
+    if opts.bits is not None:
+        base = opts.bits
+    elif kind == "latency":
+        base = (32, 8)  # on CPU only int8 buys time; low-bit weights run fp32 compute
+    elif kind in ("size", "bits_per_weight"):
+        base = (32, 8, 4, 3, 2)
+    else:
+        base = (opts.default_bits,)
+    out = {}
+    for L in layers:
+        c = []
+        for b in base:
+            if b != 32 and b not in dialect.allowed_bits:
+                continue
+            if b < 8 and L.op == "Conv" and not dialect.int4_conv:
+                continue
+            if b < 8 and L.op not in dialect.int4_ops and not (L.op == "Conv" and dialect.int4_conv):
+                continue
+            c.append(b)
+        if L.name in opts.keep_fp32 or not c:
+            c = [32]
+        if kind is not None and 32 not in c and opts.bits is None:
+            c.append(32)
+        out[L.name] = sorted(set(c), reverse=True)
+    return out
+
+
+def _layer_macs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, int]:
+    per = count_costs(model).per_node
+    out = {}
+    for i, n in enumerate(model.graph.node):
+        key = n.name or f"{n.op_type}_{i}"
+        nm = n.name or (n.output[0] if n.output else key)
+        if key in per:
+            out[nm] = per[key]
+    return {L.name: max(int(out.get(L.name, L.params)), 1) for L in layers}
+
+
+def _other_weight_bits(model: onnx.ModelProto, layers: list[Layer]) -> float:
+    from onnx import numpy_helper
+
+    qw = {L.weight for L in layers}
+    return float(sum(numpy_helper.to_array(i).nbytes * 8 for i in model.graph.initializer if i.name not in qw))
+
+
+class _Floor:
+    """Top-1 agreement (and accuracy drop with labels) against the reference model on calibration samples."""
+
+    def __init__(self, ctx: PassContext, opts: QuantOptions, model: onnx.ModelProto):
+        self.active = opts.min_top1_agreement is not None or opts.max_accuracy_drop is not None
+        self.min_agree = opts.min_top1_agreement
+        self.max_drop = opts.max_accuracy_drop
+        if not self.active:
+            return
+        self.feeds = list(itertools.islice(ctx.calib_batches(), opts.floor_samples))
+        ref = ctx.reference_model if ctx.reference_model is not None else model
+        rs = ort_session(ref, threads=ctx.threads, optimize=True)
+        self.ref_top = [run_session(rs, f)[0].reshape(1, -1).argmax(1) for f in self.feeds]
+        self.labels = None
+        if ctx.calib_labels is not None and len(ctx.calib_labels) >= len(self.feeds):
+            self.labels = np.asarray(ctx.calib_labels[: len(self.feeds)])
+        if self.max_drop is not None and self.labels is None:
+            raise EdgecError("max_accuracy_drop needs labelled calibration data (--data with labels)")
+        self.threads = ctx.threads
+
+    def measure(self, model: onnx.ModelProto) -> dict:
+        s = ort_session(model, threads=self.threads, optimize=True)
+        top = [run_session(s, f)[0].reshape(1, -1).argmax(1) for f in self.feeds]
+        agree = float(np.mean([a[0] == r[0] for a, r in zip(top, self.ref_top)]))
+        out = {"top1_agreement": agree, "samples": len(self.feeds)}
+        if self.labels is not None:
+            acc = float(np.mean([a[0] == y for a, y in zip(top, self.labels)])) * 100
+            ref_acc = float(np.mean([r[0] == y for r, y in zip(self.ref_top, self.labels)])) * 100
+            out.update(accuracy=acc, reference_accuracy=ref_acc, accuracy_drop=ref_acc - acc)
+        return out
+
+    def ok(self, m: dict) -> bool:
+        if self.min_agree is not None and m["top1_agreement"] < self.min_agree:
+            return False
+        if self.max_drop is not None and m.get("accuracy_drop", 0.0) > self.max_drop:
+            return False
+        return True
+
+
+@register_pass("quant", options=QuantOptions)
+def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassResult:
+    """Mixed-bit Q/DQ: b = argmin sum_l S_{l,b_l} s.t. sum_l C_{l,b_l} <= budget (exact MCKP), per-dialect Q/DQ."""
+    dialect: QuantDialect = ctx.quant_dialect or ORT_CPU
+    stats: dict = {"dialect": dialect.name}
+    m = model
+    if opts.fold_pads:
+        m, folded = fold_pads(model)
+        stats["pads_folded"] = folded
+    layers = find_layers(m)
+    if not layers:
+        return PassResult(model, False, {**stats, "reason": "no quantizable layers (Conv/Gemm/MatMul with constant weights)"})
+    cands = candidate_bits(layers, dialect, opts)
+    sym = dialect.activation_symmetric
+
+    # ---- calibration (streamed, bounded memory)
+    superset = {L.name: 8 for L in layers if 8 in cands[L.name]}
+    q_tensors, _ = plan_activations(m, layers, {k: 8 for k in superset}, dialect)
+    ctx.progress(f"quant: calibrating {len(q_tensors)} activation tensors on {opts.calib_samples} samples")
+    st = collect_stats(m, q_tensors, ctx.calib_batches(), moments_for=[L.input for L in layers],
+                       limit=opts.calib_samples, threads=ctx.threads)
+    ranges, chosen_est = {}, {}
+    for t in q_tensors:
+        if opts.calibration == "auto":
+            chosen_est[t], ranges[t] = st[t].best_range(ESTIMATORS, symmetric=sym)
+        else:
+            ranges[t] = st[t].range(opts.calibration, symmetric=sym, percentile=opts.percentile)
+    means = {L.input: st[L.input].moments.mean for L in layers if st[L.input].moments is not None}
+    stats["calibration"] = {"method": opts.calibration, "samples": st.samples, "tensors": len(q_tensors)}
+    if chosen_est:
+        stats["calibration"]["estimators_chosen"] = {e: sum(1 for v in chosen_est.values() if v == e) for e in ESTIMATORS}
+
+    def build(bits: dict[str, int]) -> tuple[onnx.ModelProto, dict]:
+        return insert_qdq(m, {k: v for k, v in bits.items() if v != 32}, ranges, dialect, weight_method=opts.weight_method,
+                          input_means=means, bias_correction=opts.bias_correction, layers=layers)
+
+    kind = opts.budget_kind
+    probe = ctx.target_probe
+    sens: dict[str, dict[int, float]] = {}
+    solution = None
+    if kind is None:
+        bits = {L.name: cands[L.name][0] for L in layers}
+    else:
+        # ---- sensitivity
+        if opts.sensitivities is not None:
+            sens = {l: {int(b): float(v) for b, v in d.items()} for l, d in opts.sensitivities.items()}
+        else:
+            feeds = list(itertools.islice(ctx.calib_batches(), opts.sensitivity_samples))
+            ctx.progress(f"quant: sensitivity of {len(layers)} layers x {sorted({b for c in cands.values() for b in c})} bits")
+            sens = measure_sensitivity(m, layers, cands, ranges, dialect, feeds, metric=opts.metric,
+                                       weight_method=opts.weight_method, input_means=means,
+                                       bias_correction=opts.bias_correction, cache_dir=ctx.cache_dir,
+                                       threads=ctx.threads, progress=ctx.progress,
+                                       cache_extra={"calibration": opts.calibration, "samples": opts.calib_samples})
+        sens = {L.name: {b: sens.get(L.name, {}).get(b, 0.0 if b == 32 else np.inf) for b in cands[L.name]} for L in layers}
+        for l, d in sens.items():
+            for b in list(d):
+                if not np.isfinite(d[b]):
+                    d[b] = 1e6  # unmeasured: effectively forbidden
+        # ---- costs
+        fixed = 0.0
+        if kind in ("size", "bits_per_weight"):
+            cost = {L.name: {b: weight_bits([L], {L.name: b}, block_size=dialect.int4_block_size)[L.name] for b in cands[L.name]}
+                    for L in layers}
+            if kind == "size":
+                fixed = _other_weight_bits(m, layers)
+                budget = float(opts.target_size_bytes) * 8
+                unit, xlabel = 1 / 8, "model weight bytes"
+            else:
+                budget = float(opts.target_bits_per_weight) * sum(L.params for L in layers)
+                unit, xlabel = 1 / sum(L.params for L in layers), "bits per weight"
+            stats["cost_source"] = "weight storage bits (elements x bits + one fp32 scale per channel/block)"
+        else:
+            if probe is not None and hasattr(probe, "layer_latency_table"):
+                ctx.progress("quant: measuring the per-layer latency table on the target")
+                table = probe.layer_latency_table(m, layers, sorted({b for c in cands.values() for b in c}))
+                # Anchor the table on two whole-model measurements (timed interleaved): all fp32 (T32) and every
+                # int8-capable layer int8 (T8). T(b) = T8 + k * sum_{l not int8} (t32_l - t8_l), with
+                # k = (T32 - T8) / sum_l (t32_l - t8_l), so both ends are exact and per-call overhead cancels.
+                all8, _ = build({L.name: 8 for L in layers if 8 in cands[L.name]})
+                t32_all, t8_all = probe.compare_latency_ms([m, all8]) if hasattr(probe, "compare_latency_ms") else \
+                    (probe.model_latency_ms(m), probe.model_latency_ms(all8))
+                saving = {L.name: (table[L.name][32] - table[L.name][8]) if 8 in cands[L.name] else 0.0 for L in layers}
+                tot = sum(saving.values())
+                if tot <= 0 or t32_all <= t8_all:
+                    macs = _layer_macs(m, layers)
+                    saving = {L.name: float(macs[L.name]) if 8 in cands[L.name] else 0.0 for L in layers}
+                    tot = sum(saving.values()) or 1.0
+                    stats["latency_note"] = "per-layer table predicts no int8 saving; distributing the measured saving by MACs"
+                k = max(t32_all - t8_all, 0.0) / tot
+                cost = {L.name: {b: (0.0 if b == 8 else k * saving[L.name]) for b in cands[L.name]} for L in layers}
+                fixed = float(t8_all)
+                fp32_ms = float(t32_all)
+                stats["latency_model"] = {"fp32_ms": t32_all, "int8_ms": t8_all, "k": k,
+                                          "table_ms": {l: {str(b): v for b, v in d.items()} for l, d in table.items()}}
+                stats["latency_source"] = getattr(probe, "source", "target_probe")
+                stats["fp32_latency_ms"] = fp32_ms
+            else:
+                macs = _layer_macs(m, layers)
+                ms_fn = ctx.latency_probe
+                fp32_ms = float(ms_fn(m)) if ms_fn is not None else None
+                per_mac = (fp32_ms / sum(macs.values())) if fp32_ms else 1e-6
+                cost = {L.name: {b: macs[L.name] * per_mac * (0.5 if b == 8 else 1.0) for b in cands[L.name]} for L in layers}
+                stats["latency_source"] = "mac_proxy (no target probe: int8 = 0.5x fp32 per MAC" + \
+                    ("" if fp32_ms else "; units are MACs x 1e-6, not ms") + ")"
+                stats["fp32_latency_ms"] = fp32_ms
+                if fp32_ms is None and opts.target_latency_ms is not None:
+                    stats["warning"] = "target_latency_ms without a target probe or latency probe is in proxy units"
+                fp32_ms = fp32_ms or sum(c[32] if 32 in c else max(c.values()) for c in cost.values())
+            budget = float(opts.target_latency_ms) if opts.target_latency_ms is not None else fp32_ms / float(opts.target_speedup)
+            unit, xlabel = 1.0, "latency ms (per-layer table" + (", measured" if probe is not None else ", proxy") + ")"
+        stats["budget"] = {"kind": kind, "value": budget * unit}
+        lo = allocate.min_cost(cost, sens) + fixed
+        if budget < lo:
+            stats["budget_note"] = f"budget {budget * unit:.6g} below the smallest achievable {lo * unit:.6g}; using the smallest"
+            budget = lo
+        solution = allocate.solve(sens, cost, budget, fixed_cost=fixed, what=kind)
+        bits = dict(solution.bits)
+        # ---- Pareto curve + plot
+        front = allocate.pareto(sens, cost, fixed_cost=fixed, points=opts.pareto_points)
+        stats["pareto"] = [{"cost": p.cost * unit, "sensitivity": p.objective,
+                            "bits_histogram": _hist(p.bits)} for p in front]
+        png = opts.pareto_plot or (os.path.join(ctx.cache_dir, "quant_pareto.png") if ctx.cache_dir else None)
+        if png:
+            os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+            scaled = [allocate.Solution(p.bits, p.objective, p.cost * unit, p.budget * unit) for p in front]
+            ch = allocate.Solution(solution.bits, solution.objective, solution.cost * unit, solution.budget * unit)
+            stats["pareto_png"] = allocate.plot_pareto(scaled, png, xlabel=xlabel, chosen=ch,
+                                                       title=f"edgec mixed-bit ({dialect.name}, {kind} budget)")
+        # ---- measured latency loop
+        if kind == "latency" and probe is not None and hasattr(probe, "model_latency_ms"):
+            target = budget
+            hist = []
+            for _ in range(max(opts.latency_iterations, 1)):
+                qm, _ = build(bits)
+                meas = float(probe.model_latency_ms(qm))
+                hist.append({"budget_ms": budget, "measured_ms": meas, "fp32_layers": sum(1 for b in bits.values() if b == 32)})
+                if meas <= target * 1.02:
+                    break
+                budget = max(budget * target / meas, lo)
+                solution = allocate.solve(sens, cost, budget, fixed_cost=fixed, what=kind)
+                bits = dict(solution.bits)
+            stats["latency_iterations"] = hist
+    qm, info = build(bits)
+
+    # ---- fidelity floor
+    floor = _Floor(ctx, opts, m)
+    if floor.active:
+        meas = floor.measure(qm)
+        steps = 0
+        order = sorted((l for l in bits if bits[l] != 32), key=lambda l: -(sens.get(l, {}).get(bits[l], 0.0)))
+        while not floor.ok(meas) and any(b != 32 for b in bits.values()):
+            # promote the most sensitive still-quantized layer one step up its candidate list
+            l = max((l for l in bits if bits[l] != 32), key=lambda l: sens.get(l, {}).get(bits[l], 0.0)) if sens else order[steps % len(order)]
+            up = [b for b in sorted(cands[l]) if b > bits[l]] or [32]
+            bits[l] = up[0] if up[0] in cands[l] else 32
+            qm, info = build(bits)
+            meas = floor.measure(qm)
+            steps += 1
+        stats["floor"] = {"min_top1_agreement": opts.min_top1_agreement, "max_accuracy_drop": opts.max_accuracy_drop,
+                          "measured": meas, "promotions": steps, "met": floor.ok(meas),
+                          "measured_on": "calibration samples"}
+        if not floor.ok(meas):
+            stats["floor"]["note"] = "even with every layer fp32 the floor is not met on these samples; returning the unquantized model"
+            return PassResult(model, False, stats)
+        if steps and solution is not None:
+            stats["floor"]["budget_met"] = False
+            stats["floor"]["note"] = (f"the budget and the floor cannot both be met: {steps} layer(s) promoted above the "
+                                      "budget's allocation to keep the floor")
+    # ---- kernel check (the target knows its kernels)
+    if opts.kernel_check and probe is not None and hasattr(probe, "check_kernels"):
+        eff = probe.check_kernels(qm, {l: b for l, b in bits.items() if b == 8})
+        stats["effective_precision"] = {l: e["effective"] + f" ({e['kernel']})" for l, e in eff.items()}
+    lb = weight_bits(layers, bits, block_size=dialect.int4_block_size)
+    fp = sum(L.params for L in layers) * 32
+    stats.update({
+        "bits": {L.name: bits.get(L.name, 32) for L in layers},
+        "bits_histogram": _hist(bits),
+        "weight_bits_total": float(sum(lb.values())),
+        "weight_compression": fp / max(sum(lb.values()), 1.0),
+        "bits_per_weight": float(sum(lb.values())) / max(sum(L.params for L in layers), 1),
+        "sensitivities": {l: {str(b): v for b, v in d.items()} for l, d in sens.items()},
+        "solution": None if solution is None else {"objective": solution.objective, "cost": solution.cost, "budget": solution.budget},
+        "op_counts": op_counts(qm),
+        "bias_corrected_layers": sum(1 for v in info["layers"].values() if v.get("bias_corrected")),
+    })
+    return PassResult(qm, True, stats)
+
+
+def _hist(bits: dict[str, int]) -> dict[str, int]:
+    h: dict[str, int] = {}
+    for b in bits.values():
+        h[str(b)] = h.get(str(b), 0) + 1
+    return dict(sorted(h.items(), key=lambda kv: -int(kv[0])))
+
+
+def quantize(model: onnx.ModelProto, ctx: PassContext, **options) -> PassResult:
+    """Library entry point (tests, joint search): quant(model, ctx, QuantOptions(**options))."""
+    return quant(model, ctx, QuantOptions(**options))
+
+
+def output_kl(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: list[dict]) -> float:
+    sa, sb = ort_session(model_a, optimize=True), ort_session(model_b, optimize=True)
+    return float(np.mean([output_distance(run_session(sa, f), run_session(sb, f)) for f in feeds]))
