@@ -104,6 +104,19 @@ def test_uint8_qdq_fails():
     assert errs and all("UINT8" in e.message for e in errs)
 
 
+def test_int32_bias_dequantize_fails_with_hint():
+    """ORT's QDQ pattern quantizes the bias to int32; TensorRT's DequantizeLinear takes int8/fp8/int4 only."""
+    m = _conv_int8()
+    s_b = np.full(16, 0.02 * 0.01, np.float32)
+    m.graph.initializer.extend([_init("bq", np.arange(16, dtype=np.int32)), _init("b_s", s_b),
+                                _init("b_zp", np.zeros(16, np.int32))])
+    m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["bq", "b_s", "b_zp"], ["b"], name="bias_dq", axis=0))
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    conv.input.append("b")
+    errs = _rule_errors(m, "qdq-zero-point")
+    assert [e.node for e in errs] == ["bias_dq"] and "keep the bias in float" in errs[0].message
+
+
 def test_non_constant_scale_fails():
     errs = _rule_errors(_conv_int8(act_scale_const=False), "qdq-zero-point")
     assert any(e.node == "act_q" and "not a build-time constant" in e.message for e in errs)

@@ -284,7 +284,10 @@ def build_engine(opts):
             raise BuildError("DLA builds need static shapes: give --shape name=DIMS (one shape) for every input")
         n_dla = getattr(builder, "num_DLA_cores", 0)
         if opts.dla_core >= n_dla:
-            raise BuildError("DLA core %d requested, this device has %d DLA core(s)" % (opts.dla_core, n_dla))
+            hint = ""
+            if check_version(trt.__version__) > (10, 7):
+                hint = " (TensorRT 10.7 was the last 10.x release with DLA support; JetPack 6 ships 10.3)"
+            raise BuildError("DLA core %d requested, this device has %d DLA core(s)%s" % (opts.dla_core, n_dla, hint))
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = opts.dla_core
         if opts.gpu_fallback:

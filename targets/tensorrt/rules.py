@@ -189,8 +189,10 @@ def _check_qdq(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
             rep.findings.append(Finding("qdq-zero-point", "error", name, "scale must be finite and > 0"))
     qd = _qdq_dtype(g, n)
     if qd is not None and qd not in QUANT_DTYPES:
+        hint = ("; keep the bias in float for TensorRT (no int32 bias DequantizeLinear)"
+                if qd == TensorProto.INT32 else "")
         rep.findings.append(Finding("qdq-zero-point", "error", name,
-                                    f"quantized type {_dtype_name(qd)}: TensorRT supports only signed int8, int4 and fp8 Q/DQ"))
+                                    f"quantized type {_dtype_name(qd)}: TensorRT supports only signed int8, int4 and fp8 Q/DQ{hint}"))
     if len(n.input) > 2 and n.input[2]:
         zp = g.const(n.input[2])
         if zp is None:
