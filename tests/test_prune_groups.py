@@ -251,3 +251,21 @@ def test_stats_list_every_group():
     row = stats["groups"][g.id]
     assert row["kept"] == g.size - 2 and row["size"] == g.size and row["members"]
     assert all(r["reason"] for r in stats["groups"] if not r["prunable"])
+
+
+def test_unknown_custom_op_without_shapes_closes_but_never_crashes():
+    b = pm.GraphBuilder()
+    x = b.act(b.conv("input", 3, 8), "relu")
+    y = b.node("Concat", [x, x], axis=1)[0]
+    b.nodes.append(helper.make_node("FooOp", [y], ["foo_out"], name="foo", domain="com.example"))
+    z = b.act(b.conv("foo_out", 16, 6), "relu")
+    b.nodes.append(helper.make_node("Identity", [b.head(z, 6)], ["output"], name="oi"))
+    g = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 10])], b.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    groups = analyze(model)
+    assert groups and not any(g.prunable for g in groups)
+    assert all(g.reason for g in groups)
+    assert any("unsupported op (FooOp node foo)" in g.reason for g in groups)
+    same, stats = remove_channels(model, {}, groups)
+    assert stats["groups_pruned"] == 0 and len(same.graph.node) == len(model.graph.node)

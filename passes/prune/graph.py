@@ -249,11 +249,16 @@ class _Analysis:
                     continue  # constant / shape computations: untracked
                 # a producer on an untracked input still owns its output channels
                 s0 = self.shapes.get(n.input[0]) if n.input else None
-                if n.op_type in ("Conv", "ConvTranspose") and s0 and len(s0) >= 2 and s0[1] > 0:
-                    self.set_layout(n.input[0], 1, self.new_root(int(s0[1]), f"untracked input of {self.names[i]}"))
-                elif n.op_type in ("Gemm", "MatMul") and s0 and len(s0) >= 2 and s0[-1] > 0:
-                    self.set_layout(n.input[0], len(s0) - 1,
-                                    self.new_root(int(s0[-1]), f"untracked input of {self.names[i]}"))
+                W = self.consts.get(n.input[1]) if len(n.input) > 1 else None
+                why = f"untracked input of {self.names[i]}"
+                if n.op_type == "Conv" and W is not None and W.ndim >= 3:
+                    self.set_layout(n.input[0], 1, self.new_root(int(W.shape[1]) * int(_attr(n, "group", 1)), why))
+                elif n.op_type == "ConvTranspose" and W is not None and W.ndim >= 3:
+                    self.set_layout(n.input[0], 1, self.new_root(int(W.shape[0]), why))
+                elif n.op_type == "Gemm" and W is not None and W.ndim == 2 and not _attr(n, "transA", 0):
+                    self.set_layout(n.input[0], 1, self.new_root(int(W.shape[1] if _attr(n, "transB", 0) else W.shape[0]), why))
+                elif n.op_type == "MatMul" and W is not None and W.ndim == 2 and s0 and len(s0) >= 2:
+                    self.set_layout(n.input[0], len(s0) - 1, self.new_root(int(W.shape[0]), why))
                 else:
                     self.fresh_outputs(i, f"produced from untracked inputs ({n.op_type} node {self.names[i]})")
                     continue
@@ -275,6 +280,11 @@ class _Analysis:
                 h(self, i, n)
             except _Unsupported as e:
                 self.unsupported(i, str(e))
+            except Exception as e:  # never let an odd graph crash the analysis: close what it touches
+                log.debug("channel analysis of node %s failed", self.names[i], exc_info=True)
+                for o in n.output:
+                    self.layouts.pop(o, None)
+                self.unsupported(i, f"not analysable ({type(e).__name__})")
         for o in g.output:
             if o.name in self.layouts:
                 self.close(o.name, f"reaches graph output '{o.name}'")
