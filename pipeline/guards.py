@@ -241,3 +241,43 @@ def check_activation_budget(model: onnx.ModelProto, limit: int | None) -> None:
     if need > limit:
         raise MemoryLimitExceeded(f"running the model needs at least {_fmt(need)} for activations at this input shape, "
                                   f"more than --max-memory {_fmt(limit)}")
+
+
+def _vm_data() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class data_limit:
+    """Context manager: cap this process's data segment (RLIMIT_DATA) at its current size + `extra` bytes, so an
+    allocation beyond it fails at once (MemoryError / bad_alloc -> an error) instead of exhausting the machine."""
+
+    def __init__(self, extra: int):
+        self.extra = extra
+        self.old = None
+
+    def __enter__(self):
+        try:
+            import resource
+        except ImportError:  # not POSIX
+            return self
+        self.old = resource.getrlimit(resource.RLIMIT_DATA)
+        want = _vm_data() + self.extra
+        hard = self.old[1]
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_DATA, self.old)
+        return False

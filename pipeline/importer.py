@@ -155,10 +155,41 @@ def validate_model(model: onnx.ModelProto, name: str = "model") -> None:
         raise EdgecError(f"{name} uses ONNX opset {default}; edgec supports opsets {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
     if not model.graph.node:
         raise EdgecError(f"{name} has an empty graph")
+    _check_names(model.graph, name)
     for t in iter_tensors(model):
         check_tensor_size(t, name)
     functions = {(f.domain, f.name) for f in model.functions}
     _check_graph(model.graph, name, outer=set(), functions=functions, opsets=opsets)
+
+
+def _bad_text(s) -> bool:
+    return not isinstance(s, str) or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in s)
+
+
+def _check_names(g: onnx.GraphProto, name: str) -> None:
+    """Names and op types must be text without control characters (a corrupt file often has neither)."""
+    def bad(kind, s):
+        shown = repr(s)[:60]
+        raise EdgecError(f"{name}: {kind} {shown} is not valid text (control characters or invalid UTF-8: corrupt file?)")
+
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if _bad_text(vi.name):
+            bad("value name", vi.name)
+    for t in g.initializer:
+        if _bad_text(t.name):
+            bad("initializer name", t.name)
+    for n in g.node:
+        for kind, s in (("op type", n.op_type), ("domain", n.domain), ("node name", n.name)):
+            if _bad_text(s):
+                bad(kind, s)
+        for s in list(n.input) + list(n.output):
+            if _bad_text(s):
+                bad("tensor name", s)
+        for a in n.attribute:
+            if _bad_text(a.name):
+                bad("attribute name", a.name)
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _check_names(sg, name)
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -361,6 +392,8 @@ def _check_op(n: onnx.NodeProto, idx: int, where: str, functions: set, opsets: d
 # ----------------------------------------------------------------------------------------------- external data
 def _unsafe_location(loc: str) -> str | None:
     """Why an external-data location is refused, or None when it is a plain relative path."""
+    if not isinstance(loc, str):
+        return "location is not valid UTF-8 text"
     if not loc:
         return "empty location"
     if "\x00" in loc:
@@ -393,6 +426,7 @@ def plan_external_data(model: onnx.ModelProto, name: str, base_dir) -> list[tupl
         loc = info.get("location", "")
         why = _unsafe_location(loc)
         if why:
+            loc = loc if isinstance(loc, str) and not _bad_text(loc) else repr(loc)[:60]
             raise EdgecError(f"{name}: refusing external data '{loc}' of tensor '{t.name}': {why}; "
                              f"external data must be a file inside the model's directory")
         if base_dir is None:
