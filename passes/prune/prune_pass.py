@@ -1,0 +1,560 @@
+"""The `prune` pass: score channel groups, allocate per-group keep counts under a budget, remove, recover.
+
+    keep_g  = allocation(scores, budget)          budget: MACs or params fraction of the input model, or latency
+    kept_g  = top-keep_g channels of g by score   (equal per alignment block)
+    model'  = remove_channels(model, kept)        (passes/prune/apply.py)
+    model'' = recovery(model', model)             fusion: C[:, j] += lambda C[:, i];  lstsq: min |W x_p + b - y_o|^2
+
+Before analysis, small constant subgraphs (e.g. exported static-padding arithmetic) are folded exactly, so the
+dependency analysis sees constant Pad/Reshape/Slice operands.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from passes.base import PassContext, PassResult, register_pass
+from passes.prune import allocate as alloc
+from passes.prune import criteria as crit
+from pipeline.errors import EdgecError
+
+log = logging.getLogger(__name__)
+
+RECOVERIES = ("none", "fusion", "lstsq", "fusion+lstsq")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_latency_ms: float | None = None
+    criterion: str = "recon"
+    allocation: str = "uniform"
+    round_to: int = 8
+    recovery: str = "lstsq"
+    calib_samples: int = 64
+    score_samples: int = 32
+    fidelity_samples: int = 8
+    ridge: float = 1e-3
+    max_positions: int = 256
+    residual_target: bool = True
+    min_keep_ratio: float = 0.0
+    sensitivity_ratios: tuple = (0.25, 0.5, 0.75)
+    ga_population: int = 12
+    ga_generations: int = 8
+    ga_bits: int = 4
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-3
+    admm: bool = False
+    taylor_temperature: float = 0.5
+    latency_iters: int = 4
+
+    def __post_init__(self):
+        budgets = [b for b in (self.target_macs, self.target_params, self.target_latency_ms) if b is not None]
+        if len(budgets) != 1:
+            raise ValueError("exactly one of target_macs, target_params, target_latency_ms is required")
+        for nm in ("target_macs", "target_params"):
+            v = getattr(self, nm)
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 < float(v) <= 1.0):
+                raise ValueError(f"{nm} must be a fraction in (0, 1], got {v!r}")
+        if self.target_latency_ms is not None and not float(self.target_latency_ms) > 0:
+            raise ValueError("target_latency_ms must be positive")
+        if self.criterion not in crit.CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(crit.CRITERIA)}, got {self.criterion!r}")
+        if self.allocation not in alloc.ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(alloc.ALLOCATIONS)}, got {self.allocation!r}")
+        if self.recovery not in RECOVERIES:
+            raise ValueError(f"recovery must be one of {', '.join(RECOVERIES)}, got {self.recovery!r}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        for nm in ("calib_samples", "score_samples", "fidelity_samples", "ga_population", "ga_generations", "ga_bits",
+                   "max_positions", "latency_iters"):
+            if not isinstance(getattr(self, nm), int) or getattr(self, nm) < 1:
+                raise ValueError(f"{nm} must be a positive integer, got {getattr(self, nm)!r}")
+        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
+            raise ValueError("finetune_epochs must be a non-negative integer")
+        if self.ga_population < 2:
+            raise ValueError("ga_population must be >= 2")
+        if not 0.0 <= self.min_keep_ratio < 1.0:
+            raise ValueError("min_keep_ratio must be in [0, 1)")
+        if self.ridge < 0:
+            raise ValueError("ridge must be >= 0")
+        r = tuple(float(x) for x in self.sensitivity_ratios)
+        if not r or any(not 0.0 < x < 1.0 for x in r):
+            raise ValueError("sensitivity_ratios must be fractions in (0, 1)")
+        object.__setattr__(self, "sensitivity_ratios", r)
+
+
+# ----------------------------------------------------------------------------- exact pre-step
+_NONDET = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def fold_small_constants(model: onnx.ModelProto, max_elems: int = 1 << 16) -> tuple[onnx.ModelProto, int]:
+    """f(consts) -> const for nodes whose inputs are all initializers and whose outputs are small (exact)."""
+    from onnx.reference import ReferenceEvaluator
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    vals: dict[str, np.ndarray] = {}
+    kept, folded = [], 0
+    for node in m.graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type in _NONDET or node.domain not in ("", "ai.onnx") or not all(i in inits for i in ins) \
+                or (not ins and node.op_type != "Constant") or any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
+            kept.append(node)
+            continue
+        try:
+            feeds = {}
+            for i in ins:
+                if i not in vals:
+                    vals[i] = numpy_helper.to_array(inits[i])
+                feeds[i] = vals[i]
+            if any(v.size > max_elems for v in feeds.values()):
+                raise ValueError("large input")
+            g = helper.make_graph(
+                [node], "fold",
+                [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(feeds[i].dtype), feeds[i].shape) for i in ins],
+                [helper.make_tensor_value_info(o, 0, None) for o in node.output])
+            outs = ReferenceEvaluator(helper.make_model(g, opset_imports=m.opset_import)).run(None, feeds)
+            outs = [np.asarray(o) for o in outs]
+            if any(o.size > max_elems or o.dtype == object for o in outs):
+                raise ValueError("large output")
+        except Exception:
+            kept.append(node)
+            continue
+        for o, v in zip(node.output, outs):
+            vals[o] = v
+            t = numpy_helper.from_array(v, o)
+            inits[o] = t
+            m.graph.initializer.append(t)
+        folded += 1
+    if not folded:
+        return model, 0
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    keep_inits = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep_inits)
+    gi = [i for i in m.graph.input if i.name not in inits or i.name in used]
+    del m.graph.input[:]
+    m.graph.input.extend(gi)
+    return m, folded
+
+
+@contextlib.contextmanager
+def _memo_analysis():
+    """Memoise the dependency analysis by model identity while one pass runs (graph.py re-analyses per call)."""
+    import passes.prune.graph as G
+
+    orig = G._analysis
+    cache: dict[int, tuple] = {}
+
+    def cached(model):
+        key = id(model)
+        if key not in cache or cache[key][0] is not model:
+            cache[key] = (model, orig(model))
+        return cache[key][1]
+
+    G._analysis = cached
+    try:
+        yield
+    finally:
+        G._analysis = orig
+
+
+# ----------------------------------------------------------------------------- scoring
+def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOptions) -> tuple[dict, dict]:
+    """{gid: scores (size,)} and {gid: note} (fallbacks)."""
+    from passes.prune import graph as G
+
+    notes: dict[int, str] = {}
+    scores: dict[int, np.ndarray] = {}
+    rng = ctx.rng("prune.random")
+    need_acts = criterion in crit.ACTIVATION_CRITERIA or opts.recovery in ("fusion", "fusion+lstsq")
+    acts = crit.activation_stats(model, groups, ctx.calib_batches(), opts.score_samples, ctx.threads) if need_acts else {}
+    problems = {}
+    if criterion == "recon":
+        layers = {g.id: G.consumer_layers(model, g) for g in groups}
+        problems = crit.recon_problems(model, groups, layers, ctx.calib_batches(), opts.score_samples,
+                                       max_positions=opts.max_positions, seed=ctx.seed, threads=ctx.threads)
+    taylor = {}
+    if criterion == "taylor":
+        from passes.prune import torch_tools
+
+        taylor = torch_tools.taylor_scores(model, groups, ctx, samples=opts.score_samples,
+                                           temperature=opts.taylor_temperature)
+    for g in groups:
+        prod = G.producer_weights(model, g)
+        cons = G.consumer_weights(model, g)
+        mats = prod + cons
+        s = None
+        if criterion == "l1":
+            s = crit.l1_score(mats) if mats else None
+        elif criterion == "l2":
+            s = crit.l2_score(mats) if mats else None
+        elif criterion == "bn_scale":
+            gamma = G.bn_scales(model, g)
+            if gamma is None:
+                notes[g.id] = "no unfolded BatchNorm/scale: l2 of producer rows (which carry gamma after folding)"
+                s = crit.l2_score(prod) if prod else None
+            else:
+                s = crit.bn_score(gamma)
+        elif criterion == "taylor":
+            s = taylor.get(g.id)
+        elif criterion == "apoz" and g.id in acts:
+            s = crit.apoz_score(acts[g.id]["apoz"])
+        elif criterion == "entropy" and g.id in acts:
+            s = crit.entropy_score(acts[g.id]["pooled"])
+        elif criterion == "kl":
+            s = crit.kl_score(np.concatenate(prod, 1)) if prod else None
+        elif criterion == "actnorm" and g.id in acts:
+            s = crit.actnorm_score(acts[g.id]["mean_abs"], cons)
+        elif criterion == "recon":
+            if g.id in problems:
+                s = crit.recon_scores(problems[g.id], g.size, opts.ridge)
+            elif g.id in acts:
+                notes[g.id] = "consumers not refittable or too wide for OBS: actnorm"
+                s = crit.actnorm_score(acts[g.id]["mean_abs"], cons)
+        elif criterion == "random":
+            s = crit.random_score(g.size, rng)
+        if s is None:
+            notes.setdefault(g.id, f"{criterion} unavailable for this group: l1")
+            s = crit.l1_score(mats) if mats else np.ones(g.size)
+        scores[g.id] = np.nan_to_num(np.asarray(s, np.float64), nan=0.0, posinf=1e30, neginf=-1e30)
+    return scores, notes, acts
+
+
+# ----------------------------------------------------------------------------- fidelity probe
+class FidelityProbe:
+    """exp(-KL(softmax(y_ref) || softmax(y))) averaged over a few calibration samples (1.0 = identical); for
+    non-classifier outputs, the mean cosine similarity."""
+
+    def __init__(self, model: onnx.ModelProto, ctx: PassContext, samples: int):
+        from pipeline.onnx_io import ort_session, run_session
+
+        self.feeds = [f for _, f in zip(range(samples), ctx.calib_batches())]
+        sess = ort_session(model, threads=ctx.threads, optimize=True)
+        self.ref = [run_session(sess, f) for f in self.feeds]
+        self.threads = ctx.threads
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        from pipeline.onnx_io import ort_session, run_session
+
+        sess = ort_session(model, threads=self.threads, optimize=True)
+        vals = []
+        for f, ref in zip(self.feeds, self.ref):
+            out = run_session(sess, f)
+            for a, r in zip(out, ref):
+                a = np.asarray(a, np.float64).reshape(a.shape[0], -1)
+                r = np.asarray(r, np.float64).reshape(r.shape[0], -1)
+                if a.shape[1] >= 2 and a.ndim == 2:
+                    pa = _log_softmax(a)
+                    pr = _log_softmax(r)
+                    kl = float((np.exp(pr) * (pr - pa)).sum(1).mean())
+                    vals.append(np.exp(-max(kl, 0.0)))
+                else:
+                    na, nr = np.linalg.norm(a), np.linalg.norm(r)
+                    vals.append(float(a.ravel() @ r.ravel() / (na * nr)) if na > 0 and nr > 0 else float(na == nr))
+        return float(np.mean(vals)) if vals else 0.0
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------- the pass
+def _select(groups_by_id, scores, keep_counts):
+    from passes.prune.graph import select_channels
+
+    out = {}
+    for gid, k in keep_counts.items():
+        g = groups_by_id[gid]
+        if k >= g.size:
+            continue
+        out[gid] = select_channels(g, scores[gid], int(k))
+    return out
+
+
+def _apply(model, groups, groups_by_id, scores, keep_counts):
+    from passes.prune.apply import remove_channels
+
+    idx = _select(groups_by_id, scores, keep_counts)
+    return remove_channels(model, idx, groups)
+
+
+def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budget, cost, ctx, opts, probe):
+    sizes = {g.id: g.size for g in prunable}
+    aligns = {g.id: g.align for g in prunable}
+    r2 = opts.round_to
+
+    def floor_keep(keep):  # min_keep_ratio floor
+        if opts.min_keep_ratio <= 0:
+            return keep
+        return {gid: max(k, alloc.round_keep(opts.min_keep_ratio * sizes[gid], sizes[gid], r2, aligns[gid]))
+                for gid, k in keep.items()}
+
+    def cost_f(keep):
+        return cost(floor_keep(keep))
+
+    if opts.allocation == "uniform":
+        a = alloc.uniform(sizes, cost_f, budget, r2, aligns)
+    elif opts.allocation == "global":
+        a = alloc.global_threshold({g: scores[g] for g in sizes}, cost_f, budget, r2, aligns)
+    elif opts.allocation == "adaptive":
+        from passes.prune import graph as G
+
+        elems = {}
+        for g in prunable:
+            prod = G.producer_weights(model, g)
+            e = np.concatenate([np.abs(p).reshape(g.size, -1) for p in prod], 1) if prod else None
+            if e is None:
+                e = np.repeat(np.abs(scores[g.id])[:, None], 2, 1)
+            # weight-level importance scaled by the channel criterion (so the knee follows the chosen criterion)
+            s = crit._norm(np.abs(scores[g.id]) + 1e-12)
+            elems[g.id] = e * s[:, None]
+        a = alloc.adaptive(elems, cost_f, budget, r2, aligns)
+    elif opts.allocation == "sensitivity":
+        curves = {}
+        for k, g in enumerate(prunable):
+            cur = {}
+            for r in opts.sensitivity_ratios:
+                kk = alloc.round_keep(r * g.size, g.size, r2, g.align)
+                if kk >= g.size:
+                    cur[r] = 0.0
+                    continue
+                m, _ = _apply(model, groups, groups_by_id, scores, {g.id: kk})
+                cur[r] = 1.0 - probe(m)
+            curves[g.id] = cur
+            ctx.progress(f"sensitivity {k + 1}/{len(prunable)} group {g.id}: {cur}")
+        a = alloc.sensitivity(curves, sizes, cost_f, budget, r2, aligns)
+    else:  # ga
+        base = alloc.uniform(sizes, cost_f, budget, r2, aligns)
+
+        def fid(keep):
+            m, _ = _apply(model, groups, groups_by_id, scores, floor_keep(keep))
+            return probe(m)
+
+        a = alloc.ga(sizes, cost_f, budget, fid, ctx.rng("prune.ga"), population=opts.ga_population,
+                     generations=opts.ga_generations, bits=opts.ga_bits, round_to=r2, aligns=aligns,
+                     seeds=[base.keep])
+    a.keep = floor_keep(a.keep)
+    a.cost = cost(a.keep)
+    return a
+
+
+def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx, opts, stats):
+    from passes.prune import graph as G
+    from passes.prune import recover as R
+
+    layers = set()
+    for gid in keep_idx:
+        for L in G.consumer_layers(model_ref, groups_by_id[gid]):
+            layers.add(L["node"])
+    # which reference output channels each refit layer still produces
+    outs: dict[str, list] = {}
+    for g in groups:
+        for r in g.producers:
+            outs.setdefault(r.node, []).append((g.id, r.offset, g.size))
+    out_channels = {}
+    for name in list(layers):
+        parts = sorted(outs.get(name, []), key=lambda x: x[1])
+        node = R._node_by_name(model_ref, name)
+        w = R._get(model_ref, node.input[1]) if node is not None and len(node.input) > 1 else None
+        n_out = None
+        if w is not None:
+            n_out = w.shape[0] if node.op_type == "Conv" or (node.op_type == "Gemm" and R._attrs(node).get("transB", 0)) \
+                else w.shape[-1]
+        if not parts or n_out is None or sum(p[2] for p in parts) != n_out:
+            if any(p[0] in keep_idx for p in parts) or (not parts and False):
+                layers.discard(name)
+                stats.setdefault("lstsq_skipped", {})[name] = "output channels span untracked groups"
+            continue
+        if any(p[0] in keep_idx for p in parts):
+            idx = [np.asarray(keep_idx.get(gid, np.arange(size))) + off for gid, off, size in parts]
+            out_channels[name] = np.concatenate(idx)
+    m = model_pruned
+    if opts.recovery in ("lstsq", "fusion+lstsq") and layers:
+        t0 = time.perf_counter()
+        m, st = R.lstsq_refit(m, model_ref, sorted(layers), ctx.calib_batches, samples=opts.calib_samples,
+                              ridge=opts.ridge, max_positions=opts.max_positions,
+                              residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
+                              out_channels=out_channels, progress=ctx.progress)
+        stats["lstsq"] = {"seconds": round(time.perf_counter() - t0, 2), "layers": st}
+    return m
+
+
+def _fuse(model, groups_by_id, keep_idx, acts, stats):
+    """Seed-002 information fusion on the unpruned model's consumer columns (before removal)."""
+    from passes.prune import graph as G
+    from passes.prune import recover as R
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    fused = {}
+    for gid, keep in keep_idx.items():
+        g = groups_by_id[gid]
+        prod = G.producer_weights(model, g)
+        if not prod:
+            fused[gid] = "no producer weights"
+            continue
+        plan = R.fusion_plan(np.concatenate(prod, 1), keep)
+        means = acts[gid]["mean"] if gid in acts else None
+        done = 0
+        for L in G.consumer_layers(model, g):
+            node = R._node_by_name(m, L["node"])
+            lay, why = R.Layer.from_node(m, node)
+            pos = np.asarray(L["positions"]).reshape(g.size, -1)
+            if lay is None or pos.shape[1] != 1 or (L["op"] == "Conv" and L.get("group", 1) != 1):
+                continue
+            pos = pos[:, 0]
+            W = R._get(m, lay.weight).copy()
+            if lay.op == "Conv":
+                C = W[:, pos].reshape(W.shape[0], len(pos), -1)  # (o, n, taps)
+                C2 = C.transpose(0, 2, 1).reshape(-1, len(pos))
+                C2n, _ = R.fuse_columns(C2, plan, None)
+                _, db = R.fuse_columns(C.sum(2), plan, means)
+                W[:, pos] = C2n.reshape(W.shape[0], -1, len(pos)).transpose(0, 2, 1).reshape(W[:, pos].shape)
+            elif lay.op == "Gemm" and L.get("trans_b", 0):
+                W[:, pos], db = R.fuse_columns(W[:, pos], plan, means)
+            else:
+                Wt, db = R.fuse_columns(W[pos].T, plan, means)
+                W[pos] = Wt.T
+            b = lay.bias_vector(m, W.shape[0]) if lay.bias else None
+            if means is not None and (b is not None or lay.can_add_bias()):
+                b = (np.zeros(len(db)) if b is None else b) + db
+            Ws = [W.reshape(W.shape[0], -1)] if lay.op == "Conv" else [W.T if not (lay.op == "Gemm" and L.get("trans_b", 0)) else W]
+            lay.write(m, Ws if lay.op != "Conv" else [W], b if means is not None else None)
+            done += 1
+        fused[gid] = {"pairs": len(plan), "consumers": done}
+    stats["fusion"] = fused
+    return m
+
+
+def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, acts, probe):
+    from passes.prune.graph import CostModel
+
+    groups_by_id = {g.id: g for g in groups}
+    prunable = [g for g in groups if g.prunable and g.size >= 2]
+    cm = CostModel(model, groups)
+    bm, bp = max(cm.base_macs, 1), max(cm.base_params, 1)
+
+    def cost(keep):
+        m_, p_ = cm.costs(keep)
+        return m_ / bm, p_ / bp
+
+    if not prunable:
+        raise EdgecError("no prunable channel groups in this model (see the analysis reasons)")
+    t0 = time.perf_counter()
+    a = _allocate(model, prunable, groups, groups_by_id, scores, budget, cost, ctx, opts, probe)
+    t_alloc = time.perf_counter() - t0
+    keep_idx = _select(groups_by_id, scores, a.keep)
+    stats: dict = {"allocation_seconds": round(t_alloc, 2)}
+    src = model
+    if opts.recovery in ("fusion", "fusion+lstsq") and keep_idx:
+        src = _fuse(model, groups_by_id, keep_idx, acts, stats)
+    from passes.prune.apply import remove_channels
+
+    pruned, rstats = remove_channels(src, keep_idx, groups)
+    pruned = _recover(pruned, model, groups, groups_by_id, keep_idx, acts, ctx, opts, stats)
+    return pruned, a, keep_idx, rstats, stats, (bm, bp)
+
+
+@register_pass("prune", options=PruneOptions)
+def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassResult:
+    """keep_g = allocation(score(g), budget); remove the rest; refit consumers: min |W x_pruned + b - y_original|^2."""
+    from passes.prune.graph import analyze
+
+    t_start = time.perf_counter()
+    model, folded = fold_small_constants(model)
+    with _memo_analysis():
+        groups = analyze(model)
+        prunable = [g for g in groups if g.prunable and g.size >= 2]
+        ctx.progress(f"prune: {len(prunable)}/{len(groups)} prunable groups; scoring by {opts.criterion}")
+        scores, notes, acts = score_groups(model, prunable, opts.criterion, ctx, opts)
+        probe = FidelityProbe(model, ctx, opts.fidelity_samples) if opts.allocation in ("sensitivity", "ga") else None
+        lat = {}
+        if opts.target_latency_ms is not None:
+            pruned, a, keep_idx, rstats, stats, base = _latency_search(model, groups, ctx, opts, scores, notes,
+                                                                        acts, probe, lat)
+        else:
+            budget = alloc.Budget("macs", float(opts.target_macs)) if opts.target_macs is not None \
+                else alloc.Budget("params", float(opts.target_params))
+            pruned, a, keep_idx, rstats, stats, base = _prune_once(model, groups, ctx, opts, budget, scores, notes,
+                                                                   acts, probe)
+    if opts.finetune_epochs > 0 or opts.admm:
+        from passes.prune import torch_tools
+
+        pruned, ft = torch_tools.finetune_onnx(pruned, model, ctx, epochs=opts.finetune_epochs, lr=opts.finetune_lr)
+        stats["finetune"] = ft
+    from passes.costs import count_costs
+
+    after = count_costs(pruned)
+    rows = []
+    for r in rstats["groups"]:
+        s = scores.get(r["id"])
+        row = dict(r)
+        if s is not None:
+            kept = keep_idx.get(r["id"])
+            row["score"] = {"min": float(np.min(s)), "median": float(np.median(s)), "max": float(np.max(s)),
+                            "kept_min": float(np.min(s[kept])) if kept is not None else float(np.min(s))}
+        if r["id"] in notes:
+            row["score_note"] = notes[r["id"]]
+        rows.append(row)
+    bm, bp = base
+    out_stats = {
+        "criterion": opts.criterion, "allocation": opts.allocation, "recovery": opts.recovery,
+        "round_to": opts.round_to, "constants_folded": folded,
+        "groups": rows, "groups_pruned": rstats["groups_pruned"], "groups_prunable": rstats["groups_prunable"],
+        "channels_removed": rstats["channels_removed"],
+        "skipped": {str(r["id"]): r["reason"] for r in rstats["groups"] if not r["prunable"]},
+        "macs_ratio": round(after.macs / bm, 4) if after.macs else round(a.cost[0], 4),
+        "params_ratio": round(after.params / bp, 4),
+        "model_macs_ratio": round(a.cost[0], 4), "model_params_ratio": round(a.cost[1], 4),
+        "allocation_details": a.details, "keep": {str(k): int(v) for k, v in a.keep.items()},
+        "seconds": round(time.perf_counter() - t_start, 2), **stats,
+    }
+    if lat:
+        out_stats["latency_search"] = lat
+    return PassResult(pruned, modified=bool(keep_idx), stats=out_stats)
+
+
+def _latency_search(model, groups, ctx, opts, scores, notes, acts, probe, lat):
+    """Secant search on the MACs fraction f until latency_probe(pruned) <= target_latency_ms."""
+    if ctx.latency_probe is None:
+        raise EdgecError("target_latency_ms needs a latency probe from the target (none given)")
+    target = float(opts.target_latency_ms)
+    base_ms = float(ctx.latency_probe(model))
+    lat.update({"base_ms": round(base_ms, 3), "target_ms": target, "steps": []})
+    if base_ms <= target:
+        f = 1.0
+    else:
+        f = max(min(target / base_ms, 1.0), 0.05)
+    best = None
+    lo, hi = 0.02, 1.0
+    for _ in range(opts.latency_iters):
+        res = _prune_once(model, groups, ctx, opts, alloc.Budget("macs", f), scores, notes, acts, probe)
+        ms = float(ctx.latency_probe(res[0]))
+        lat["steps"].append({"macs_fraction": round(f, 4), "ms": round(ms, 3)})
+        if ms <= target:
+            best = res
+            lo = f
+        else:
+            hi = f
+        if best is not None and ms >= 0.97 * target:
+            break
+        f = 0.5 * (lo + hi) if best is not None or ms > target else f
+        if best is None and ms > target:
+            f = max(f * target / ms, lo)
+            hi = min(hi, f / max(target / ms, 1e-3))
+    if best is None:
+        raise EdgecError(f"could not reach {target} ms (best {min(s['ms'] for s in lat['steps']):.3f} ms)")
+    return best

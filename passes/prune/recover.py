@@ -1,0 +1,434 @@
+"""Recovery without retraining after channel removal.
+
+Information fusion (seed 002): a removed channel i is folded into its most similar kept channel j of the same
+group. With producer filters w_i, w_j: lambda = <w_i, w_j> / |w_j|^2 and the consumer column is updated
+    C[:, j] += lambda * C[:, i]
+and, when activation means are known, the residual mean goes into the consumer bias:
+    b += C[:, i] * (E[a_i] - lambda * E[a_j]).
+
+Least-squares reconstruction (ThiNet / He et al. 2017, closed form): for every consumer layer y = W x + b whose input
+lost channels, refit on calibration activations of the *pruned* network (x_p), against the *original* network's
+output (y_o), sequentially in topological order so that each refit also absorbs the error of those before it:
+    [W b] = argmin sum |W x_p + b - t|^2 + lam |W - W0|^2,   t = y_o   (or t = z_o - s_p when y feeds z = y + s)
+    (X^T X + lam I) [W b]^T = X^T T + lam [W0 0]^T,   lam = ridge * trace(X^T X) / d
+X^T X and X^T T are accumulated sample by sample in float64 (bounded memory: d^2 + d*o numbers); convolutions use
+im2col rows at a random subset of output positions (at most `max_positions` per sample).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- model helpers
+def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(_inits(model)[name])
+
+
+def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(t).dtype), name))
+            return
+    model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
+    for n in model.graph.node:
+        if n.name == name:
+            return n
+    return None
+
+
+def _node_by_output(model: onnx.ModelProto, out: str) -> onnx.NodeProto | None:
+    for n in model.graph.node:
+        if out in n.output:
+            return n
+    return None
+
+
+def _unique_name(model: onnx.ModelProto, base: str) -> str:
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    name, k = base, 0
+    while name in names:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _uses(model: onnx.ModelProto, name: str) -> int:
+    return sum(1 for n in model.graph.node for i in n.input if i == name)
+
+
+def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose only outputs are `outputs`, keeping just the nodes they depend on."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    need, stack = set(), list(outputs)
+    keep_nodes = set()
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        n = producer.get(t)
+        if n is not None and id(n) not in keep_nodes:
+            keep_nodes.add(id(n))
+            stack.extend(i for i in n.input if i)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.node[:]
+    m.graph.node.extend([n for n in model.graph.node if id(n) in keep_nodes])
+    used = {i for n in m.graph.node for i in n.input} | set(outputs)
+    kept_inits = [t for t in model.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept_inits)
+    del m.graph.output[:]
+    for o in outputs:
+        m.graph.output.append(onnx.ValueInfoProto(name=o))
+    del m.graph.value_info[:]
+    return m
+
+
+def stream_pair(model: onnx.ModelProto, names: list[str], feeds: Iterable[dict], threads: int = 1):
+    """Yield {name: array} for `names`, running only the subgraph they need (ORT, graph optimizations on)."""
+    from pipeline.onnx_io import ort_session, run_session
+
+    m = truncated(model, names)
+    sess = ort_session(m, threads=threads, optimize=True)
+    inputs = {i.name for i in sess.get_inputs()}
+    for f in feeds:
+        res = run_session(sess, {k: v for k, v in f.items() if k in inputs})
+        yield dict(zip(names, res))
+
+
+# ----------------------------------------------------------------------------- im2col and accumulation
+def conv_patches(x: np.ndarray, kernel: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                 positions: np.ndarray | None = None) -> np.ndarray:
+    """x (C, H, W) -> rows (P, C*kh*kw) in the (C, kh, kw) order of a Conv weight, at output `positions` (flat)."""
+    c, h, w = x.shape
+    kh, kw = kernel
+    dh, dw = dilations
+    xp = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (ekh, ekw), axis=(1, 2))  # (C, H', W', ekh, ekw)
+    win = win[:, ::strides[0], ::strides[1], ::dh, ::dw]  # (C, OH, OW, kh, kw)
+    oh, ow = win.shape[1], win.shape[2]
+    win = win.reshape(c, oh * ow, kh, kw)
+    if positions is not None:
+        win = win[:, positions]
+    return np.ascontiguousarray(win.transpose(1, 0, 2, 3)).reshape(win.shape[1], c * kh * kw)
+
+
+class GramAccumulator:
+    """Accumulates G = X^T X, H = X^T T, with a ones column appended to X when fitting a bias."""
+
+    def __init__(self, d: int, o: int, bias: bool):
+        self.bias = bias
+        self.d = d + (1 if bias else 0)
+        self.G = np.zeros((self.d, self.d))
+        self.H = np.zeros((self.d, o))
+        self.tt = 0.0
+        self.rows = 0
+
+    def update(self, X: np.ndarray, T: np.ndarray) -> None:
+        X = np.asarray(X, np.float64)
+        if self.bias:
+            X = np.concatenate([X, np.ones((X.shape[0], 1))], axis=1)
+        T = np.asarray(T, np.float64)
+        self.G += X.T @ X
+        self.H += X.T @ T
+        self.tt += float((T * T).sum())
+        self.rows += X.shape[0]
+
+    def solve(self, W0: np.ndarray, b0: np.ndarray | None, ridge: float) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """W0 (o, d): weights to regularize toward. Returns (W, b, {'err_before','err_after'} relative)."""
+        d0 = W0.shape[1]
+        G = self.G
+        lam = ridge * max(np.trace(G[:d0, :d0]) / max(d0, 1), 1e-12)
+        reg = np.zeros(self.d)
+        reg[:d0] = lam
+        A0 = W0.T if not self.bias else np.concatenate([W0.T, (b0 if b0 is not None else np.zeros(W0.shape[0]))[None]], 0)
+        rhs = self.H + reg[:, None] * A0
+        try:
+            A = np.linalg.solve(G + np.diag(reg), rhs)
+        except np.linalg.LinAlgError:
+            A = np.linalg.lstsq(G + np.diag(reg), rhs, rcond=None)[0]
+
+        def err(M):  # |X M - T|^2 / |T|^2 from the Gram matrices
+            e = np.einsum("ij,ij->", M, G @ M) - 2 * np.einsum("ij,ij->", M, self.H) + self.tt
+            return float(max(e, 0.0) / max(self.tt, 1e-30))
+
+        info = {"err_before": err(A0), "err_after": err(A), "rows": self.rows}
+        W = A[:d0].T
+        b = A[d0] if self.bias else None
+        return W, b, info
+
+
+# ----------------------------------------------------------------------------- consumer layer adapters
+@dataclass
+class Layer:
+    """A linear consumer y = W x + b that can be refit: Conv (any group, NOTSET padding) or Gemm/MatMul."""
+
+    node: str
+    op: str
+    input: str
+    output: str
+    weight: str
+    bias: str | None
+
+    @classmethod
+    def from_node(cls, model: onnx.ModelProto, node: onnx.NodeProto) -> tuple["Layer | None", str]:
+        inits = _inits(model)
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            return None, f"{node.op_type} is not refittable"
+        if len(node.input) < 2 or node.input[1] not in inits:
+            return None, "weight is not an initializer"
+        if _uses(model, node.input[1]) > 1:
+            return None, "weight initializer is shared"
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None and (bias not in inits or _uses(model, bias) > 1):
+            return None, "bias is not a private initializer"
+        a = _attrs(node)
+        if node.op_type == "Conv":
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                return None, "auto_pad is not NOTSET"
+            if len(inits[node.input[1]].dims) != 4:
+                return None, "only 2-D convolutions are refit"
+        if node.op_type == "Gemm" and (a.get("transA", 0) or float(a.get("alpha", 1.0)) != 1.0
+                                       or (bias and float(a.get("beta", 1.0)) != 1.0)):
+            return None, "Gemm with transA/alpha/beta"
+        if node.op_type == "MatMul" and len(inits[node.input[1]].dims) != 2:
+            return None, "MatMul weight is not 2-D"
+        return cls(node.name, node.op_type, node.input[0], node.output[0], node.input[1], bias), ""
+
+    # rows of X (features) and T (targets) for one sample
+    def rows(self, model: onnx.ModelProto, x: np.ndarray, t: np.ndarray, rng: np.random.Generator,
+             max_positions: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per weight group g: (X_g (P, d_g), T_g (P, o_g))."""
+        node = _node_by_name(model, self.node)
+        if self.op == "Conv":
+            a = _attrs(node)
+            W = _get(model, self.weight)
+            o, cg, kh, kw = W.shape
+            groups = int(a.get("group", 1))
+            strides = tuple(a.get("strides", (1, 1)))
+            pads = tuple(a.get("pads", (0, 0, 0, 0)))
+            dil = tuple(a.get("dilations", (1, 1)))
+            out = []
+            for b in range(x.shape[0]):
+                tb = t[b].reshape(t.shape[1], -1)  # (O, P)
+                p = tb.shape[1]
+                pos = None
+                if p > max_positions:
+                    pos = np.sort(rng.choice(p, max_positions, replace=False))
+                    tb = tb[:, pos]
+                og = o // groups
+                for g in range(groups):
+                    X = conv_patches(x[b, g * cg:(g + 1) * cg], (kh, kw), strides, pads, dil, pos)
+                    out.append((g, X, tb[g * og:(g + 1) * og].T))
+            return out
+        xs = x.reshape(-1, x.shape[-1])
+        ts = t.reshape(-1, t.shape[-1])
+        if xs.shape[0] > max_positions:
+            sel = np.sort(rng.choice(xs.shape[0], max_positions, replace=False))
+            xs, ts = xs[sel], ts[sel]
+        return [(0, xs, ts)]
+
+    def weight_matrices(self, model: onnx.ModelProto) -> list[np.ndarray]:
+        """Per group: W_g as (o_g, d_g) matching `rows`."""
+        W = _get(model, self.weight).astype(np.float64)
+        node = _node_by_name(model, self.node)
+        if self.op == "Conv":
+            groups = int(_attrs(node).get("group", 1))
+            o = W.shape[0]
+            og = o // groups
+            return [W[g * og:(g + 1) * og].reshape(og, -1) for g in range(groups)]
+        if self.op == "Gemm" and _attrs(node).get("transB", 0):
+            return [W]
+        return [W.T]
+
+    def bias_vector(self, model: onnx.ModelProto, o: int) -> np.ndarray | None:
+        return _get(model, self.bias).astype(np.float64).reshape(-1) if self.bias else None
+
+    def can_add_bias(self) -> bool:
+        return self.op in ("Conv", "Gemm")
+
+    def write(self, model: onnx.ModelProto, Ws: list[np.ndarray], b: np.ndarray | None) -> None:
+        node = _node_by_name(model, self.node)
+        W0 = _get(model, self.weight)
+        if self.op == "Conv":
+            W = np.concatenate(Ws, 0).reshape(W0.shape)
+        elif self.op == "Gemm" and _attrs(node).get("transB", 0):
+            W = Ws[0]
+        else:
+            W = Ws[0].T
+        _set(model, self.weight, W.astype(W0.dtype))
+        if b is not None:
+            if self.bias is None:
+                name = _unique_name(model, self.weight + "_bias")
+                while len(node.input) < 2:
+                    node.input.append("")
+                if len(node.input) == 2:
+                    node.input.append(name)
+                else:
+                    node.input[2] = name
+                self.bias = name
+                _set(model, name, b.astype(W0.dtype))
+            else:
+                b0 = _get(model, self.bias)
+                _set(model, self.bias, b.reshape(b0.shape).astype(b0.dtype))
+
+
+def residual_partner(model: onnx.ModelProto, out: str) -> tuple[str, str] | None:
+    """If `out` feeds exactly one node, an Add(out, s), return (add_output, s)."""
+    users = [n for n in model.graph.node if out in n.input]
+    if len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2:
+        return None
+    add = users[0]
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    if other == out or other in {t.name for t in model.graph.initializer}:
+        return None
+    outs = {o.name for o in model.graph.output}
+    if out in outs:
+        return None
+    return add.output[0], other
+
+
+# ----------------------------------------------------------------------------- least squares
+def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes: list[str],
+                feeds: Callable[[], Iterable[dict]], *, samples: int = 64, ridge: float = 1e-3,
+                max_positions: int = 256, residual_target: bool = True, fit_bias: bool = True,
+                max_dim: int = 4608, seed: int = 0, threads: int = 1,
+                out_channels: dict[str, np.ndarray | None] | None = None,
+                progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Refit the named consumer nodes in topological order against `reference` (the unpruned model).
+
+    `model` and `reference` must share tensor names for each layer's output (and residual Add output).
+    out_channels[node]: indices of the reference output channels that the pruned layer still produces (absent or
+    None: all). Returns (model, {node: stats}).
+    """
+    model = _copy(model)
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    layer_nodes = sorted({n for n in layer_nodes if n in order}, key=order.get)
+    ref_tensors = {o for n in reference.graph.node for o in n.output}
+    stats: dict[str, dict] = {}
+    rng = np.random.default_rng([seed, 2017])
+    for k, name in enumerate(layer_nodes):
+        node = _node_by_name(model, name)
+        layer, why = Layer.from_node(model, node)
+        if layer is None:
+            stats[name] = {"skipped": why}
+            continue
+        if layer.output not in ref_tensors:
+            stats[name] = {"skipped": "output tensor not in the reference model"}
+            continue
+        Ws = layer.weight_matrices(model)
+        d = Ws[0].shape[1]
+        if d > max_dim:
+            stats[name] = {"skipped": f"{d} input features > max_dim {max_dim}"}
+            continue
+        part = residual_partner(model, layer.output) if residual_target else None
+        if part is not None and part[0] not in ref_tensors:
+            part = None
+        pruned_names = [layer.input] + ([part[1]] if part else [])
+        ref_names = [part[0] if part else layer.output]
+        bias = fit_bias and (layer.bias is not None or layer.can_add_bias())
+        accs: dict[int, GramAccumulator] = {}
+        it_p = stream_pair(model, pruned_names, _limit(feeds(), samples), threads)
+        it_r = stream_pair(reference, ref_names, _limit(feeds(), samples), threads)
+        keep_out = (out_channels or {}).get(name)
+        axis = 1 if layer.op == "Conv" else -1
+        for ap, ar in zip(it_p, it_r):
+            x = ap[layer.input]
+            t = ar[ref_names[0]]
+            if keep_out is not None:
+                t = np.take(t, keep_out, axis=axis)
+            if part:
+                t = t - ap[part[1]]
+            for g, X, T in layer.rows(model, x, t, rng, max_positions):
+                if g not in accs:
+                    accs[g] = GramAccumulator(X.shape[1], T.shape[1], bias)
+                accs[g].update(X, T)
+        if not accs:
+            stats[name] = {"skipped": "no calibration samples"}
+            continue
+        o_total = sum(W.shape[0] for W in Ws)
+        b0 = layer.bias_vector(model, o_total)
+        newW, newb, eb, ea = [], [], 0.0, 0.0
+        off = 0
+        for g, W0 in enumerate(Ws):
+            og = W0.shape[0]
+            W, b, info = accs[g].solve(W0, None if b0 is None else b0[off:off + og], ridge)
+            newW.append(W)
+            newb.append(b)
+            eb += info["err_before"] / len(Ws)
+            ea += info["err_after"] / len(Ws)
+            off += og
+        layer.write(model, newW, np.concatenate(newb) if bias else None)
+        stats[name] = {"rel_err_before": round(eb, 5), "rel_err_after": round(ea, 5), "features": d,
+                       "rows": accs[0].rows, "residual_target": bool(part), "bias": bool(bias)}
+        if progress:
+            progress(f"lstsq {k + 1}/{len(layer_nodes)} {name}: rel err {eb:.4f} -> {ea:.4f}")
+    return model, stats
+
+
+def _limit(it: Iterable, n: int):
+    for i, x in enumerate(it):
+        if i >= n:
+            break
+        yield x
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+# ----------------------------------------------------------------------------- information fusion
+def fusion_plan(prod: np.ndarray, keep: np.ndarray) -> list[tuple[int, int, float]]:
+    """prod (n, k): producer filters per channel. For each removed i: (i, j*, lambda) with j* the kept filter of
+    highest |cosine| and lambda = <w_i, w_j> / |w_j|^2."""
+    n = prod.shape[0]
+    kept = np.asarray(sorted(set(int(k) for k in keep)))
+    removed = np.setdiff1d(np.arange(n), kept)
+    if len(removed) == 0 or len(kept) == 0:
+        return []
+    P = prod.astype(np.float64)
+    nrm = np.linalg.norm(P, axis=1) + 1e-12
+    cos = (P[removed] @ P[kept].T) / (nrm[removed, None] * nrm[None, kept])
+    jbest = np.argmax(np.abs(cos), axis=1)
+    plan = []
+    for r, jb in zip(removed, jbest):
+        j = kept[jb]
+        lam = float(P[r] @ P[j] / (nrm[j] ** 2))
+        # only positive scalings commute with ReLU-like activations
+        plan.append((int(r), int(j), max(lam, 0.0)))
+    return plan
+
+
+def fuse_columns(C: np.ndarray, plan: list[tuple[int, int, float]], means: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """C (o, n) consumer columns per channel. Returns (C', bias_delta (o,))."""
+    C = C.astype(np.float64).copy()
+    db = np.zeros(C.shape[0])
+    for i, j, lam in plan:
+        C[:, j] += lam * C[:, i]
+        if means is not None:
+            db += C[:, i] * (means[i] - lam * means[j])
+    return C, db
