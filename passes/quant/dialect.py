@@ -1,6 +1,7 @@
 """The quantization dialect a target hands to the quantizer (policy); the Q/DQ pass is the mechanism.
 
 ORT_CPU:  activations uint8 asymmetric per-tensor; weights int8 symmetric per-channel (zero-point 0).
+          Layers kept fp32 read a per-channel DequantizeLinear so ORT cannot re-quantize them per-tensor.
 TENSORRT: activations int8 symmetric per-tensor (zero-point 0); weights int8 symmetric per-channel;
           Q/DQ on residual Add inputs so TensorRT can fuse; int4 weight-only (block-wise) on Gemm/MatMul only.
 """
@@ -24,6 +25,10 @@ class QuantDialect:
     allowed_bits: tuple[int, ...] = (32, 16, 8, 4)
     opset: int = 21
     channel_align: int = 8
+    # ORT CPU's WeightBiasQuantization quantizes the float weights of any Conv/Gemm fed by a per-tensor
+    # DequantizeLinear (per-tensor, silently). Layers kept fp32 then read a per-channel DQ (equal scales) instead.
+    guard_fp32_layers: bool = False
+    int32_bias: bool = True                   # w8a8 bias as int32 DequantizeLinear (ORT); float bias for TensorRT
 
     def __post_init__(self):
         if self.activation_dtype not in ("uint8", "int8"):
@@ -35,7 +40,8 @@ class QuantDialect:
 
 
 ORT_CPU = QuantDialect(name="ort_cpu", activation_dtype="uint8", activation_symmetric=False,
-                       int4_conv=True, allowed_bits=(32, 8, 4, 3, 2), opset=21, channel_align=8)
+                       int4_conv=True, allowed_bits=(32, 8, 4, 3, 2), opset=21, channel_align=8,
+                       guard_fp32_layers=True)
 TENSORRT = QuantDialect(name="tensorrt", activation_dtype="int8", activation_symmetric=True,
-                        int4_conv=False, qdq_on_residual_add=True, allowed_bits=(32, 16, 8, 4),
+                        int4_conv=False, qdq_on_residual_add=True, allowed_bits=(32, 16, 8, 4), int32_bias=False,
                         opset=21, channel_align=8)

@@ -320,7 +320,8 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
         for ni, ii in consumers_idx.get(t, []):
             cn = g.node[ni]
             lname = layer_name(cn, ni)
-            if ii == 0 and lname in by_name and bits.get(lname, 32) != 8 and channels.get(t, 0) > 1:
+            if (dialect.guard_fp32_layers and ii == 0 and lname in by_name and bits.get(lname, 32) != 8
+                    and channels.get(t, 0) > 1):
                 # A non-int8 layer must not read a per-tensor DQ: ORT's WeightBiasQuantization would silently
                 # quantize its float weights per-tensor. A per-channel DQ (equal scales) keeps it fp32, same values.
                 if pc_dq is None:
@@ -394,7 +395,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
                 if delta is not None:
                     bias = (np.zeros(n_out) if bias0 is None else bias0) - delta
                     entry["bias_corrected"] = True
-            if b != 8 or bias is None:
+            if b != 8 or bias is None or not dialect.int32_bias:
                 break
             # int32 bias must fit: raise the weight scale of channels whose s_x * s_w is too small
             need = np.abs(bias) / (qp[L.input].scale * float(2 ** 30))
@@ -410,7 +411,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
             entry["bias_overflow_channels"] = int(bad.sum())
         if bias is not None:
             bias_slot = 2
-            if b == 8:
+            if b == 8 and dialect.int32_bias:
                 s_x = qp[L.input].scale
                 s_w = s if block is None else None
                 bscale = (s_x * s_w).astype(np.float32)
@@ -425,7 +426,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
             else:
                 bname = uniq(f"{L.name}_bias_corrected")
                 shape = (1, n_out) if (L.bias and len(init_map[L.bias].dims) == 2) else (n_out,)
-                new_inits.append(numpy_helper.from_array(bias.reshape(shape), bname))
+                new_inits.append(numpy_helper.from_array(bias.reshape(shape).astype(np.float32), bname))
             if len(node.input) > bias_slot:
                 rename[(ni, bias_slot)] = bname
             else:
