@@ -145,6 +145,19 @@ def _drop_dead(model: onnx.ModelProto) -> int:
     return dropped
 
 
+def _self_check(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Checker + strict shape inference on the rewritten graph: a bug here must fail loudly, never ship a broken graph."""
+    if model.ByteSize() >= 1_800_000_000:
+        return model
+    try:
+        onnx.checker.check_model(model)
+        strict = all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # custom ops have no shape functions
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RuntimeError(f"channel removal produced an invalid graph (please report): {first}") from None
+
+
 def remove_channels(model: onnx.ModelProto, keep: dict[int, np.ndarray],
                     groups: list[Group] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Keep only channels keep[g] (sorted indices within group g) of each group; returns (new model, stats)."""
@@ -241,10 +254,8 @@ def remove_channels(model: onnx.ModelProto, keep: dict[int, np.ndarray],
 
     dropped = _drop_dead(out)
     del out.graph.value_info[:]
-    try:
-        out = onnx.shape_inference.infer_shapes(out, data_prop=True)
-    except Exception:  # shape info is advisory here; the caller's verify step is strict
-        log.debug("shape inference after channel removal failed", exc_info=True)
+    if removed.any():
+        out = _self_check(out)
     rows = []
     for g in gs:
         k = kept_count.get(g.id, g.size)
