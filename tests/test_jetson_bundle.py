@@ -418,3 +418,29 @@ def test_tensorrt_target_checks_rules_and_writes_trtexec(tmp_path):
     with pytest.raises(EdgecError, match=r"\[qdq-zero-point\] node 'x_q'"):
         trt.build(tiny_classifier(quantized=True, zero_point=1), bad, make_ctx())
     assert not any(bad.iterdir())
+
+
+def test_environment_probe_and_tegrastats_absent(bench_mod):
+    env = bench_mod.environment()  # on a host without Jetson tools every probe is None, nothing raises
+    assert {"python", "l4t_release", "tensorrt", "jetpack", "nvpmodel", "jetson_clocks"} <= set(env)
+    if bench_mod.shutil.which("jetson_clocks") is None:
+        assert env["jetson_clocks"] is None and bench_mod.clock_state(env)[0] is False
+    if bench_mod.shutil.which("tegrastats") is None:
+        t = bench_mod.TegraStats()
+        assert t.start() is False and t.result() is None
+    failed = {"jetson_clocks": {"raw": "must be root", "rc": 1, "parsed": None}}
+    locked, why = bench_mod.clock_state(failed)
+    assert not locked and "sudo" in why[0]
+
+
+def test_host_report_is_kept_aside_once(bundle, tmp_path):
+    import shutil
+
+    shutil.copy(bundle[0] / "bench.py", tmp_path / "bench.py")
+    mod = load_module(tmp_path / "bench.py", "edgec_bundle_bench_copy")
+    assert mod._host_report() is None
+    (tmp_path / "report.json").write_text(json.dumps({"bench": {"skipped": "deferred"}, "model": {"name": "tiny"}}))
+    assert mod._host_report()["model"] == {"name": "tiny"}
+    assert (tmp_path / "report.host.json").exists()
+    (tmp_path / "report.json").write_text(json.dumps({"bench": {"device_run": True}}))
+    assert mod._host_report()["bench"] == {"skipped": "deferred"}  # the device report never becomes the base
