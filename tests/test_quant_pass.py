@@ -1,0 +1,111 @@
+"""The `quant` pass end to end on small graphs: budgets, cache, Pareto PNG, fidelity floor, kernel check."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import tests.prune_models as pm
+from passes.base import PassContext, get_pass, make_options
+from passes.quant.quant_pass import QuantOptions, quantize
+from pipeline.errors import EdgecError
+from pipeline.onnx_io import ort_session
+from targets.ort_latency import OrtLatencyProbe
+
+
+def _ctx(m, tmp_path, probe=None, n=24):
+    r = np.random.default_rng(0)
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    feeds = [{"input": r.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+    return PassContext(calib_batches=lambda: iter(feeds), reference_model=m, cache_dir=str(tmp_path / "cache"),
+                       target_probe=probe)
+
+
+def _agree(a, b, feeds):
+    sa, sb = ort_session(a, optimize=True), ort_session(b, optimize=True)
+    return np.mean([sa.run(None, f)[0].argmax() == sb.run(None, f)[0].argmax() for f in feeds])
+
+
+def test_default_all_int8_with_kernel_check(tmp_path):
+    m = pm.residual()
+    probe = OrtLatencyProbe(1, str(tmp_path / "cache"), runs=5)
+    r = quantize(m, _ctx(m, tmp_path, probe), calib_samples=16)
+    st = r.stats
+    assert set(st["bits"].values()) == {8}
+    assert all(v.startswith("int8") for v in st["effective_precision"].values())
+    assert st["op_counts"]["QuantizeLinear"] > 0
+
+
+def test_bits_per_weight_budget_and_cache(tmp_path):
+    m = pm.flatten_gemm()
+    ctx = _ctx(m, tmp_path)
+    r = quantize(m, ctx, target_bits_per_weight=5.0, calib_samples=16, sensitivity_samples=8, pareto_points=6)
+    st = r.stats
+    assert st["bits_per_weight"] <= 5.0 + 1e-9
+    assert st["solution"]["cost"] <= st["solution"]["budget"] + 1e-6
+    assert len(st["pareto"]) >= 2 and os.path.isfile(st["pareto_png"])
+    sens_dir = tmp_path / "cache" / "quant_sensitivity"
+    assert len(list(sens_dir.glob("*.json"))) == 1
+    r2 = quantize(m, ctx, target_bits_per_weight=5.0, calib_samples=16, sensitivity_samples=8, pareto_points=6)
+    assert r2.stats["bits"] == st["bits"] and r2.stats["sensitivities"] == st["sensitivities"]
+    assert len(list(sens_dir.glob("*.json"))) == 1  # cache hit, nothing new
+    # more bits allowed -> no worse predicted sensitivity
+    r3 = quantize(m, ctx, target_bits_per_weight=8.5, calib_samples=16, sensitivity_samples=8, pareto_points=4)
+    assert r3.stats["solution"]["objective"] <= st["solution"]["objective"] + 1e-12
+
+
+def test_size_budget_in_bytes(tmp_path):
+    m = pm.chain()
+    total = sum(np.prod(i.dims) * 4 for i in m.graph.initializer)
+    r = quantize(m, _ctx(m, tmp_path), target_size_bytes=int(total / 5), calib_samples=16, sensitivity_samples=8,
+                 pareto_points=4)
+    assert r.stats["solution"]["cost"] / 8 <= total / 5 + 1e-6
+
+
+def test_latency_budget_without_probe_says_proxy(tmp_path):
+    m = pm.chain()
+    r = quantize(m, _ctx(m, tmp_path), target_speedup=1.5, calib_samples=16, sensitivity_samples=8, pareto_points=4)
+    assert r.stats["latency_source"].startswith("mac_proxy")
+    assert set(r.stats["bits"].values()) <= {8, 32}
+
+
+def test_latency_budget_with_probe(tmp_path):
+    m = pm.chain()
+    probe = OrtLatencyProbe(1, str(tmp_path / "cache"), runs=5)
+    r = quantize(m, _ctx(m, tmp_path, probe), target_speedup=1.2, calib_samples=16, sensitivity_samples=8,
+                 pareto_points=4, latency_iterations=1)
+    st = r.stats
+    assert st["latency_source"] == "ort_measured"
+    assert set(st["latency_model"]["table_ms"]) == set(st["bits"])
+    assert list((tmp_path / "cache" / "ort_latency").glob("*.json"))
+
+
+def test_fidelity_floor_never_violated(tmp_path):
+    m = pm.depthwise()
+    ctx = _ctx(m, tmp_path)
+    r = quantize(m, ctx, target_bits_per_weight=2.5, calib_samples=16, sensitivity_samples=8,
+                 min_top1_agreement=1.0, floor_samples=24, pareto_points=3)
+    fl = r.stats["floor"]
+    assert fl["met"]
+    feeds = list(ctx.calib_batches())
+    assert _agree(r.model, m, feeds) >= 1.0
+    if fl["promotions"]:
+        assert fl["budget_met"] is False and "cannot both be met" in fl["note"]
+
+
+def test_options_validation_and_recipe():
+    with pytest.raises(ValueError):
+        QuantOptions(target_size_bytes=10, target_speedup=2.0)
+    with pytest.raises(ValueError):
+        QuantOptions(calibration="magic")
+    spec = get_pass("quant")
+    with pytest.raises(EdgecError):
+        make_options(spec, {"target_bitz": 3})
+    from pipeline.recipe import load_recipe
+
+    rec = load_recipe("quant", ["quant.target_bits_per_weight=4.5", "quant.calibration=entropy"])
+    opts = rec.steps[-1].options
+    assert opts.target_bits_per_weight == 4.5 and opts.calibration == "entropy"
+    assert [s.name for s in rec.steps] == ["cleanup", "quant"]
