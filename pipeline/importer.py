@@ -676,3 +676,35 @@ def verify_at_shapes(model: onnx.ModelProto, reference: onnx.ModelProto, shapes:
             raise EdgecError(f"at input shape {label}, output cosine {res['summary']['cosine_min']:.4f} < {cosine_min}")
         results.append(res)
     return results
+
+
+def plan_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dynamic: list[str] | str | None = None,
+                      *, layout: str = "NCHW", default_hw: int = 224
+                      ) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]], dict[str, dict[int, str]]]:
+    """Shapes for a compile: (model for the passes, concrete input shapes for data, dynamic axes kept).
+
+    Without `dynamic` this is fix_input_shapes (every dim concrete). With it, the chosen axes stay symbolic in the
+    model the passes see -- so shape computations (Shape/Gather/Range/Expand decode heads, Reshape targets) are not
+    folded into constants for one size -- while calibration data uses the concrete shapes.
+    """
+    axes = dynamic_axes(model, dynamic, layout) if dynamic else {}
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    static = fix_input_shapes(static, shapes, default_hw)
+    concrete = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in _graph_inputs(static)}
+    if not axes:
+        return static, concrete, axes
+    return fix_input_shapes(model, shapes, default_hw, keep=axes), concrete, axes
+
+
+def finish_dynamic(final: onnx.ModelProto, original: onnx.ModelProto, axes: dict[str, dict[int, str]],
+                   concrete: dict[str, tuple[int, ...]], *, seed: int = 0, bump: int = 32,
+                   second: dict[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Restore the dynamic axes in the compiled model and verify it against the original at two shapes
+    (the compile shape, and every dynamic axis grown: batch +1, others +bump). Returns (model, report section)."""
+    out = restore_dynamic_axes(final, original, axes)
+    shapes = [dict(concrete), second or shapes_with(concrete, axes, bump)]
+    per_shape = verify_at_shapes(out, original, shapes, seed=seed)
+    return out, {"axes": {n: {str(k): v for k, v in a.items()} for n, a in axes.items()},
+                 "verified_at": [r["shape"] for r in per_shape],
+                 "per_shape": per_shape}

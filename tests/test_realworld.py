@@ -1,0 +1,186 @@
+"""Real-world ONNX (issue 6): every exporter trait in tests/realworld_models.py goes through `compile`.
+
+For each model and recipe: compile succeeds, the emitted model passes the full ONNX checker, the report has a
+per-output fidelity entry (cosine, relative L2, max abs) for every original output at or above the recipe's
+cosine floor, and dynamic models run at two different input shapes with the same outputs as the original.
+RECIPES is the one place to extend when channel removal and mixed-bit quantization join the default recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.compile import CompileOptions, compile_model
+from pipeline.importer import finish_dynamic, load_onnx_file, plan_input_shapes, verify_at_shapes
+from tests import realworld_models as rw
+
+# recipe -> minimum per-output cosine vs the original (issue 6 target for `default`: >= 0.99)
+RECIPES = {"cleanup": 0.9999, "[normalize, cleanup]": 0.9999}
+COMPILE_HAS_DYNAMIC = "dynamic" in {f.name for f in dataclasses.fields(CompileOptions)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("realworld")
+    return {name: w(d) for name, w in rw.WRITERS.items()}
+
+
+def _options(rec: rw.RealWorld, recipe: str, out, **kw) -> CompileOptions:
+    return CompileOptions(model=str(rec.path), recipe=recipe, out=str(out), input_shapes=rec.shape_args, data=rec.data,
+                          calib_samples=4, eval_samples=8, bench=False, threads=(1,), seed=0, **kw)
+
+
+def _pass_names(report) -> list[str]:
+    return [p["name"] for p in report["recipe"]["passes"]]
+
+
+def _check_traits(name: str, model: onnx.ModelProto, original: onnx.ModelProto, passes: list[str]) -> None:
+    ops = rw.count_ops(model)
+    if name.startswith("paddle"):
+        assert rw.count_ops(original)["Constant"] >= 200 and original.opset_import[0].version in (11, 12)
+        assert "BatchNormalization" not in ops, "unfused BatchNormalization survived"
+        assert ops.get("HardSigmoid", 0) + ops.get("HardSwish", 0) >= 1
+        assert ops.get("Clip", 0) >= 1
+        if "normalize" in passes:
+            assert model.opset_import[0].version >= 17
+            assert "Constant" not in ops
+            inits = {t.name for t in model.graph.initializer}
+            assert not [i.name for i in model.graph.input if i.name in inits], "initializers left as graph inputs"
+    elif name == "ultralytics_detector":
+        assert rw.count_ops(original)["Range"] == 4 and ops.get("Sigmoid", 0) >= 1 and ops.get("Split", 0) >= 1
+        assert ops.get("Concat", 0) >= 3
+    elif name == "external_data":
+        assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    elif name == "matmul_attention":
+        assert ops.get("Softmax", 0) == 1 and ops.get("MatMul", 0) + ops.get("Gemm", 0) >= 5
+    if "normalize" in passes:
+        assert "Constant" not in ops
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("name", list(rw.WRITERS))
+def test_realworld_compiles_with_per_output_fidelity(name, recipe, models, tmp_path):
+    rec = models[name]
+    out = tmp_path / "out"
+    report = compile_model(_options(rec, recipe, out))
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    original = onnx.load(str(rec.path))
+    _check_traits(name, model, original, _pass_names(report))
+    per = report["fidelity"]["per_output"]
+    assert set(per) == {o.name for o in original.graph.output}
+    for oname, f in per.items():
+        assert f["samples"] == 8
+        assert f["cosine"] >= RECIPES[recipe], (oname, f)
+        assert np.isfinite(f["rel_l2"]) and np.isfinite(f["max_abs"])
+    md = (out / "report.md").read_text()
+    for oname in per:
+        assert f"| {oname} |" in md, "per-output fidelity table missing from report.md"
+    assert json.loads((out / "report.json").read_text())["fidelity"]["per_output"] == json.loads(json.dumps(per))
+
+
+DYNAMIC = [n for n in rw.WRITERS if n != "external_data"]
+
+
+def _compile_dynamic(rec: rw.RealWorld, recipe: str, tmp_path) -> onnx.ModelProto:
+    """The compiled model with its dynamic axes kept: through compile(--dynamic) when wired, otherwise through the
+    same building blocks compile uses (importer.plan_input_shapes -> runner.run_recipe -> importer.finish_dynamic)."""
+    if COMPILE_HAS_DYNAMIC:
+        out = tmp_path / "dyn"
+        report = compile_model(_options(rec, recipe, out, dynamic=",".join(rec.dynamic)))
+        assert len(report["dynamic"]["verified_at"]) == 2
+        return onnx.load(str(out / "model.onnx"))
+    from calib.data import InputInfo, load_splits
+    from passes.base import PassContext
+    from pipeline.onnx_io import np_dtype
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_recipe
+    from pipeline.sources import resolve
+
+    original = load_onnx_file(rec.path)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    model, concrete, axes = plan_input_shapes(model, dict(rec.input_shapes), list(rec.dynamic))
+    assert axes, "no dynamic axis found"
+    types = {i.name: np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+    inputs = [InputInfo(n, s, types[n]) for n, s in concrete.items()]
+    calib, _ = load_splits(rec.data, inputs, resolve(str(rec.path)).preprocess, n_calib=4, n_eval=2, seed=0)
+    ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), reference_model=original, seed=0)
+    result = run_recipe(model, load_recipe(recipe), ctx)
+    final, section = finish_dynamic(result.model, original, axes, concrete, seed=0)
+    assert len(section["verified_at"]) == 2 and section["verified_at"][0] != section["verified_at"][1]
+    return final
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_dynamic_model_runs_at_two_shapes(name, models, tmp_path):
+    recipe = list(RECIPES)[-1]
+    rec = models[name]
+    final = _compile_dynamic(rec, recipe, tmp_path)
+    onnx.checker.check_model(final, full_check=True)
+    for inp in final.graph.input:
+        if inp.name in rec.input_shapes:
+            assert any(d.dim_param for d in inp.type.tensor_type.shape.dim), "dynamic axes were not kept"
+    original = onnx.load(str(rec.path))
+    assert rec.input_shapes != rec.second_shapes
+    res = verify_at_shapes(final, original, [rec.input_shapes, rec.second_shapes], seed=3)
+    for r in res:
+        for oname, f in r["per_output"].items():
+            assert f["cosine"] >= RECIPES[recipe] and f["max_rel"] < 1e-3, (r["shape"], oname, f)
+
+
+def test_static_compile_bakes_shapes_so_dynamic_needs_the_flag(models, tmp_path):
+    """Why --dynamic exists: a static compile folds the decode head for one size; at another size it must fail
+    loudly (EdgecError from verify_at_shapes), never give silently wrong boxes."""
+    from pipeline.errors import EdgecError
+    from pipeline.importer import dynamic_axes, restore_dynamic_axes
+
+    rec = models["ultralytics_detector"]
+    out = tmp_path / "static"
+    compile_model(_options(rec, "cleanup", out))
+    static = onnx.load(str(out / "model.onnx"))
+    assert rw.count_ops(static).get("Range", 0) == 0  # the anchor grid was folded to a constant
+    original = onnx.load(str(rec.path))
+    axes = dynamic_axes(original, list(rec.dynamic))
+    with pytest.raises(EdgecError):
+        relaxed = restore_dynamic_axes(static, original, axes)
+        verify_at_shapes(relaxed, original, [rec.second_shapes])
+
+
+def test_normalize_pass_on_paddle_graph():
+    """normalize alone: opset 11 -> 17, 200+ Constants -> initializers, initializer-inputs dropped, shared weights
+    untied, and outputs unchanged (checked by the runner's exactness check at 1e-4)."""
+    from calib.data import InputInfo, synthetic_splits
+    from passes.base import PassContext
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_recipe
+
+    m = rw.paddle_model(11, init_as_inputs=True)
+    from pipeline.importer import fix_input_shapes
+
+    m = fix_input_shapes(m, {"x": (1, 3, 16, 16)})
+    calib, _ = synthetic_splits([InputInfo("x", (1, 3, 16, 16))], 2, 1, 0)
+    res = run_recipe(m, load_recipe("[normalize]"), PassContext(calib_batches=lambda: calib.iter_feeds()))
+    st = res.stages[0].stats
+    assert st["opset_before"] == 11 and st["opset_after"] == 17
+    assert st["constants_lifted"] >= 200 and st["constants_kept"] == 0
+    assert st["initializer_inputs_removed"] == len(m.graph.initializer)
+    assert st["shared_weights_untied"] >= 10
+    assert res.stages[0].error_vs_previous <= 1e-5
+    out = res.model
+    ops = rw.count_ops(out)
+    assert "Constant" not in ops and ops["Split"] == 6
+    # Split/Squeeze/Unsqueeze now take their sizes/axes as inputs (opset 13 form)
+    for n in out.graph.node:
+        if n.op_type in ("Split", "Squeeze", "Unsqueeze"):
+            assert not [a for a in n.attribute if a.name in ("split", "axes")] and len(n.input) == 2, n
+    uses = {}
+    for n in out.graph.node:
+        if n.op_type == "Conv":
+            uses[n.input[1]] = uses.get(n.input[1], 0) + 1
+    assert max(uses.values()) == 1, "a Conv weight is still shared"
+    assert len({n.name for n in out.graph.node}) == len(out.graph.node)
