@@ -269,3 +269,24 @@ def test_unknown_custom_op_without_shapes_closes_but_never_crashes():
     assert any("unsupported op (FooOp node foo)" in g.reason for g in groups)
     same, stats = remove_channels(model, {}, groups)
     assert stats["groups_pruned"] == 0 and len(same.graph.node) == len(model.graph.node)
+
+
+def test_weights_held_in_constant_nodes():
+    """Weights as Constant nodes (not lifted to initializers) are sliced in place; costs still match."""
+    model = pm.residual()
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = [helper.make_node("Constant", [], [name], name=f"const_{name}", value=inits[name]) for name in inits]
+    del model.graph.initializer[:]
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    groups = analyze(model)
+    pr = _prunable(groups)
+    assert len(pr) == 3
+    keep = {g.id: np.arange(g.size - 2) for g in pr}
+    pruned, _ = remove_channels(model, keep, groups)
+    real = count_costs(pruned)
+    assert CostModel(model, groups).costs({k: len(v) for k, v in keep.items()}) == (real.macs, real.params)
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert pm.run(pruned, x).shape == (1, 10)

@@ -1295,6 +1295,11 @@ class CostModel:
                 self._mac_terms.append((b, [lin(t) for t in m.factors if t in an.layouts]))
         init_size = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer
                      if i.data_type in _PARAM_TYPES and len(i.dims) >= 1}
+        for n in model.graph.node:  # Constant nodes count as params too (passes.costs.count_params)
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value" and a.t.data_type in _FLOAT_TYPES and len(a.t.dims) >= 1:
+                        init_size[n.output[0]] = int(np.prod(a.t.dims))
         # per initializer: its size and, per class of users, the tensors driving each sliced axis
         self._param_terms = []
         for nm, classes in an.init_classes.items():
@@ -1343,6 +1348,7 @@ class CostModel:
         return int(round(macs)), int(round(params))
 
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _PARAM_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
