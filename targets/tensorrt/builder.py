@@ -121,23 +121,20 @@ def is_static_profile(profile):
     return all(mn == opt == mx for mn, opt, mx in profile.values())
 
 
+def _err_field(err, attr):
+    """A string field of IParserError (a method in the bindings; tolerate a property), '' when absent."""
+    v = getattr(err, attr, None)
+    try:
+        v = v() if callable(v) else v
+    except Exception:
+        v = None
+    return str(v) if v else ""
+
+
 def format_parser_error(err, index=None):
     """One line per ONNX-parser error, naming the node (IParserError.node_name() exists since TensorRT 10.0)."""
-    name = ""
-    for attr in ("node_name",):
-        fn = getattr(err, attr, None)
-        if callable(fn):
-            try:
-                name = fn() or ""
-            except Exception:
-                name = ""
-    op = ""
-    fn = getattr(err, "node_operator", None)
-    if callable(fn):
-        try:
-            op = fn() or ""
-        except Exception:
-            op = ""
+    name = _err_field(err, "node_name")
+    op = _err_field(err, "node_operator")
     node_idx = err.node() if callable(getattr(err, "node", None)) else -1
     where = "node '%s'" % name if name else ("node #%d" % node_idx if node_idx is not None and node_idx >= 0 else "graph")
     if op:
