@@ -411,10 +411,30 @@ def _infer(m: onnx.ModelProto) -> onnx.ModelProto:
         return m
 
 
+def _light(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference only: large initializers become typed graph inputs (no weight bytes copied)."""
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    g = model.graph
+    m.graph.name = g.name
+    m.graph.node.extend(g.node)
+    m.graph.input.extend(g.input)
+    m.graph.output.extend(g.output)
+    names = {i.name for i in g.input}
+    for i in g.initializer:
+        if int(np.prod(i.dims)) <= 64:
+            m.graph.initializer.append(i)
+        elif i.name not in names:
+            m.graph.input.append(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)))
+    return m
+
+
 def _infer_shapes(model: onnx.ModelProto, consts: dict[str, np.ndarray]):
     """Static shapes and dtypes, after evaluating shape sub-graphs (Shape -> Gather -> ... -> Slice bounds) whose
     inputs are static. Returns (shapes, dtypes, derived constants); the model itself is not changed."""
-    m = _infer(model)
+    light = _light(model)
+    m = _infer(light)
     derived: dict[str, np.ndarray] = {}
     for _ in range(4):
         shapes, dtypes = _read_shapes(m)
@@ -423,11 +443,11 @@ def _infer_shapes(model: onnx.ModelProto, consts: dict[str, np.ndarray]):
             break
         derived.update(new)
         tmp = onnx.ModelProto()
-        tmp.CopyFrom(model)
+        tmp.CopyFrom(light)
         keep = [n for n in tmp.graph.node if not all(o in derived or not o for o in n.output)]
         del tmp.graph.node[:]
         tmp.graph.node.extend(keep)
-        tmp.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in derived.items())
+        tmp.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in derived.items())
         m = _infer(tmp)
     shapes, dtypes = _read_shapes(m)
     return shapes, dtypes, derived
