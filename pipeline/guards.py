@@ -123,6 +123,7 @@ class MemoryGuard:
         if self.limit is None:
             return self
         rss = current_rss(self.children)
+        self.peak = rss
         if rss > self.limit:
             raise MemoryLimitExceeded(f"--max-memory {_fmt(self.limit)} is below what edgec already uses ({_fmt(rss)})")
         if self.address_space:

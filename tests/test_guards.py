@@ -1,0 +1,100 @@
+"""Resource bounds: the --max-memory guard stops with one clear line before the machine runs out; NaN/Inf helpers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import EdgecError
+from pipeline.guards import (MemoryGuard, MemoryLimitExceeded, check_activation_budget, check_finite_array,
+                             current_rss, data_limit, parse_memory)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("text,want", [("4G", 4 << 30), ("512M", 512 << 20), ("1.5GiB", int(1.5 * (1 << 30))),
+                                       ("1048576", 1 << 20), (None, None), ("", None)])
+def test_parse_memory(text, want):
+    assert parse_memory(text) == want
+
+
+@pytest.mark.parametrize("text", ["lots", "4X", "-1G", "0"])
+def test_parse_memory_rejects(text):
+    with pytest.raises(EdgecError, match="max-memory"):
+        parse_memory(text)
+
+
+def test_guard_stops_python_allocation_loop_with_one_line():
+    limit = current_rss() + (150 << 20)
+    hog = []
+    with pytest.raises(MemoryLimitExceeded) as ei:
+        with MemoryGuard(limit, stage="calibration"):
+            for _ in range(400):  # would reach 4 GB
+                hog.append(np.ones(10 << 20, np.uint8))
+    hog.clear()
+    msg = str(ei.value)
+    assert "\n" not in msg and "memory limit exceeded during calibration" in msg and "--max-memory" in msg
+    assert ei.value.exit_code == 2
+
+
+def test_guard_quiet_when_under_limit():
+    with MemoryGuard(current_rss() + (1 << 30)) as g:
+        x = np.ones(1 << 20)
+    assert not g.tripped and g.peak > 0 and x.sum() == 1 << 20
+
+
+def test_guard_refuses_limit_below_current_use():
+    with pytest.raises(MemoryLimitExceeded, match="below what edgec already uses"):
+        with MemoryGuard(1 << 20):
+            pass
+
+
+def test_guard_hard_stop_when_native_code_does_not_return():
+    """A single native call that keeps allocating (here: one huge np.ones) never returns to Python in time; the
+    watchdog prints the one line and exits the process with code 2 before it can exhaust the machine."""
+    code = textwrap.dedent("""
+        import numpy as np, time
+        from pipeline.guards import MemoryGuard, current_rss
+        with MemoryGuard(current_rss() + (100 << 20), grace_s=0.5, stage="activation statistics"):
+            a = np.ones(1_200_000_000, np.uint8)   # 1.2 GB in one C call
+            time.sleep(5)                          # still over the limit: the guard must have ended us by now
+        print("survived")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "survived" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr or "MemoryLimitExceeded" in r.stderr
+    assert any("memory limit exceeded during activation statistics" in ln for ln in lines), r.stderr
+
+
+def test_data_limit_turns_huge_allocation_into_memory_error():
+    with data_limit(256 << 20):
+        with pytest.raises(MemoryError):
+            np.ones(2 << 30, np.uint8)
+    np.ones(300 << 20, np.uint8)  # the limit is lifted again
+
+
+def test_activation_budget_refuses_absurd_shapes():
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Relu", ["r"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [64, 3, 4096, 4096])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [64, 3, 4096, 4096])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(MemoryLimitExceeded, match=r"needs at least .* GiB for activations"):
+        check_activation_budget(m, 1 << 30)
+    check_activation_budget(m, None)
+
+
+def test_check_finite_array():
+    check_finite_array(np.ones(3, np.float32), "x")
+    check_finite_array(np.arange(3), "ints are always finite")
+    with pytest.raises(EdgecError, match=r"calibration batch 3 contains 2 NaN/Inf"):
+        check_finite_array(np.array([1, np.nan, np.inf], np.float32), "calibration batch 3")
