@@ -330,7 +330,6 @@ def main(argv=None) -> int:
     """python -m targets.tensorrt.rules model.onnx [--json]: exit 1 when a rule is broken."""
     import argparse
     import json
-    import sys
 
     ap = argparse.ArgumentParser(description="Check an ONNX graph against the TensorRT explicit-quantization rules.")
     ap.add_argument("model")
