@@ -15,6 +15,17 @@ tensor t by r(t, g) * k positions (r > 1 after Flatten). Hence the cost model is
 
 Anything not understood (an unsupported op, a non-constant weight, a Reshape that splits the channel axis,
 a normalization over channels, a graph input/output) closes every channel it touches as unprunable, with a reason.
+
+Contract for callers (criteria, allocation, recovery):
+  * Group channel i is the same channel in every tensor/weight of the group ("canonical order" = the order in
+    its first producer's output). `remove_channels(model, {g.id: kept_indices})` takes indices in that order.
+  * align > 1 (grouped convs): the group splits into `align` equal contiguous blocks, and a valid keep has
+    equally many channels in every block; `select_channels(g, scores, k)` picks such a set, `round_keep` a count.
+  * stat_tensor[:, stat_offset:stat_offset+size] along stat_axis (1 for NCHW, 3 for NHWC MatMul blocks) holds
+    the group's channels contiguously, in canonical order, after the nonlinearity that feeds the next layer.
+  * producer_weights also returns the depthwise convs moving with the group (role 'dw'); consumer_layers gives
+    each consumer's 'positions' (size, r): the input positions of every channel (r > 1 after Flatten).
+  * The analysis is cached by graph structure; weight values are always read from the model passed in.
 """
 from __future__ import annotations
 
