@@ -444,3 +444,21 @@ def test_host_report_is_kept_aside_once(bundle, tmp_path):
     assert (tmp_path / "report.host.json").exists()
     (tmp_path / "report.json").write_text(json.dumps({"bench": {"device_run": True}}))
     assert mod._host_report()["bench"] == {"skipped": "deferred"}  # the device report never becomes the base
+
+
+@pytest.mark.slow
+def test_cli_compile_target_jetson_writes_the_bundle(tmp_path, run_cli):
+    """`make target=jetson` end to end on a small ONNX model, through the CLI that the Makefile calls."""
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(model))
+    out = tmp_path / "tiny-jetson-default"
+    r = run_cli("compile", "--model", model, "--target", "jetson", "--recipe", "default", "--no-bench",
+                "--calib-samples", 4, "--eval-samples", 8, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert EXPECTED <= {p.name for p in out.iterdir()}
+    log = r.stdout + r.stderr
+    assert "TensorRT rule check: 0 error(s)" in log
+    if not HAS_TRT:
+        assert log.count("engine build deferred to the device") == 1 and f"bundle: {out}" in log
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "jetson" and report["target_build"]["reference_samples"] == 8
