@@ -133,7 +133,7 @@ class GraphBuilder:
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, self.c_in, self.hw, self.hw])],
             [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))], self.inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-        m.ir_version = 8
+        m.ir_version = 10 if opset >= 21 else 8
         onnx.checker.check_model(m)
         return m
 

@@ -290,3 +290,50 @@ def test_weights_held_in_constant_nodes():
     assert CostModel(model, groups).costs({k: len(v) for k, v in keep.items()}) == (real.macs, real.params)
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert pm.run(pruned, x).shape == (1, 10)
+
+
+def _with_op(make, opset=17):
+    b = pm.GraphBuilder()
+    x = b.act(b.conv("input", 3, 8), "relu")
+    y, c = make(b, x)
+    y = b.act(b.conv(y, c, 6), "relu")
+    return b.build(b.head(y, 6), opset=opset)
+
+
+CLOSING = {
+    "softmax_over_channels": (lambda b, x: (b.node("Softmax", [x], axis=1)[0], 8), "normalizes over the channel axis"),
+    "reduce_over_channels": (lambda b, x: (b.node("ReduceMean", [x], axes=[1])[0], 1), "reduces over the channel axis"),
+    "pad_channels": (lambda b, x: (b.node("Pad", [x, b.const(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64))])[0], 10),
+                     "pads the channel axis"),
+    "strided_slice": (lambda b, x: (b.node("Slice", [x, b.const(np.array([0], np.int64)), b.const(np.array([8], np.int64)),
+                                                     b.const(np.array([1], np.int64)), b.const(np.array([2], np.int64))])[0], 4),
+                      "strided slice"),
+    "depth_to_space": (lambda b, x: (b.node("DepthToSpace", [x], blocksize=2)[0], 2), "unsupported op"),
+    "groupnorm": (lambda b, x: (b.node("GroupNormalization", [x, b.const(np.ones(8, np.float32)),
+                                                              b.const(np.zeros(8, np.float32))], num_groups=2)[0], 8),
+                  "GroupNormalization"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLOSING))
+def test_ops_that_close_groups(case):
+    make, why = CLOSING[case]
+    model = _with_op(make, opset=21 if case == "groupnorm" else 17)
+    groups = analyze(model)
+    g = next(g for g in groups if any(r.node == "conv1" for r in g.producers))
+    assert not g.prunable and why in g.reason
+    nxt = next(g for g in groups if any(r.node == "conv4" for r in g.producers))
+    if case != "groupnorm":  # onnx infers no shapes past GroupNormalization-21, so later groups close too
+        assert nxt.prunable  # the closure stays local
+
+
+def test_softmax_over_spatial_axis_passes_channels_through():
+    model = _with_op(lambda b, x: (b.node("Softmax", [x], axis=3)[0], 8))
+    groups = analyze(model)
+    g = next(g for g in groups if any(r.node == "conv1" for r in g.producers))
+    assert g.prunable and [r.node for r in g.consumers] == ["conv4"]
+    rm = np.array([0, 3])
+    zeroed = pm.zero_consumer_inputs(model, consumer_layers(model, g), rm)
+    pruned, _ = remove_channels(zeroed, {g.id: np.setdiff1d(np.arange(8), rm)}, groups)
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert pm.rel_diff(pm.run(pruned, x), pm.run(zeroed, x)) <= 1e-5
