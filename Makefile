@@ -14,11 +14,13 @@ seed ?= 0
 ARGS ?=
 
 .DEFAULT_GOAL := compile
-.PHONY: compile bench test test-fast clean venv help bench-prune bench-quant bench-coverage artifacts
+.PHONY: compile bench test clean venv help bench-prune bench-quant bench-coverage artifacts rules
 
 help:
 	@echo "make                    compile model=$(model) target=$(target) recipe=$(recipe)"
 	@echo "make compile model=M target=T recipe=R [ARGS='--set prune.target_macs=0.7']"
+	@echo "make target=jetson      deploy bundle in out/<model>-jetson-<recipe>/ (docs/jetson.md)"
+	@echo "make rules onnx=M.onnx  TensorRT explicit-quantization rule check of an ONNX file"
 	@echo "make bench              latency/memory/fidelity of the compiled model vs its FP32 baseline"
 	@echo "make test               the test suite (creates .venv on first use)"
 	@echo "make bench-prune        criteria x allocation x recovery vs Torch-Pruning (EfficientNet-Lite0)"
@@ -55,6 +57,9 @@ bench-coverage: $(STAMP)
 
 artifacts: $(STAMP)
 	$(PY) -m pipeline.artifacts artifacts.yaml $(ARGS)
+
+rules: $(STAMP)
+	$(PY) -m targets.tensorrt.rules $(onnx)
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

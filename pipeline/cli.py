@@ -50,6 +50,8 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
     g.add_argument("--recipe", default="default", help="shipped recipe name, a .yaml path, or inline YAML (default: default)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE",
                    help="override a recipe option, e.g. --set prune.target_macs=0.7 (repeatable)")
+    g.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option (repeatable), e.g. dla_core=0, workspace_mb=1024, builder_opt_level=3")
     g.add_argument("--out", help="output directory (default: out/<model>-<target>-<recipe>)")
     g.add_argument("--seed", type=int, default=0, help="the one seed every random choice flows from (default: 0)")
     g = p.add_argument_group("data")
@@ -67,6 +69,18 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
     g.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process peak-RSS probe")
     g.add_argument("--opt-level", default="all", choices=["disable", "basic", "extended", "all"],
                    help="ORT graph optimization level for the emitted engine and timing (default: all)")
+
+
+def _target_opts(items: list[str]) -> dict:
+    from pipeline.recipe import parse_value
+
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise EdgecError(f"--target-opt expects KEY=VALUE, got '{it}'")
+        k, v = it.split("=", 1)
+        out[k.strip()] = parse_value(v)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                               threads=tuple(args.threads), seed=args.seed, bench=args.bench, memory=args.memory,
                               warmup=args.warmup, runs=args.runs, opt_level=args.opt_level,
                               dynamic_batch=args.dynamic_batch, mean=args.mean, std=args.std, layout=args.layout,
-                              command=command_line())
+                              target_opts=_target_opts(args.target_opt), command=command_line())
         report = compile_model(opts)
         print(summary_table(report))
         print(f"  report: {report['out']}/report.md  ({report['out']}/report.json)")

@@ -56,6 +56,7 @@ class CompileOptions:
     std: tuple[float, ...] | None = None
     layout: str | None = None
     cache_dir: str | None = None
+    target_opts: dict = field(default_factory=dict)
     command: str = ""
 
     def __post_init__(self):
@@ -90,7 +91,7 @@ def load_source(opts: CompileOptions):
     """Resolve --model into (name, onnx model, torch module or None, preprocess, description, export info)."""
     shapes = parse_shapes(opts.input_shapes)
     pre_kw = {}
-    src = resolve(opts.model, weights=opts.weights, input_shape=next(iter(shapes.values()), None) if shapes and isinstance(opts.model, str) and not opts.model.endswith(".onnx") else None)
+    src = resolve(opts.model, weights=opts.weights, seed=opts.seed, input_shape=next(iter(shapes.values()), None) if shapes and isinstance(opts.model, str) and not opts.model.endswith(".onnx") else None)
     pre = src.preprocess
     if opts.mean or opts.std or opts.layout:
         pre_kw = dict(height=pre.height, width=pre.width, mean=tuple(opts.mean or pre.mean), std=tuple(opts.std or pre.std),
@@ -120,6 +121,9 @@ def compile_model(opts: CompileOptions) -> dict:
     target = get_target(opts.target)
     recipe = load_recipe(opts.recipe, opts.overrides)  # validate before any heavy work
     name, model, torch_module, pre, desc, src_info = load_source(opts)
+    precheck = getattr(target, "precheck", None)
+    if precheck is not None:  # e.g. TensorRT's rule checker: fail before any pass runs
+        precheck(model)
     out = Path(opts.out) if opts.out else default_out(opts, name)
     inputs = _inputs(model)
     if not inputs:
@@ -139,7 +143,8 @@ def compile_model(opts: CompileOptions) -> dict:
     result = run_recipe(model, recipe, ctx)
     final = result.model
     bctx = BuildContext(model_name=name, recipe=recipe, reference_model=reference, eval_split=evals, calib_split=calib,
-                        threads=tuple(opts.threads), seed=opts.seed, warmup=opts.warmup, runs=opts.runs, opt_level=opts.opt_level)
+                        threads=tuple(opts.threads), seed=opts.seed, warmup=opts.warmup, runs=opts.runs, opt_level=opts.opt_level,
+                        extra={"out": str(out), **opts.target_opts})
     with staged_dir(out) as tmp:
         final_bytes = save_onnx(final, tmp / "model.onnx")
         ref_bytes = len(model_bytes(reference))
@@ -179,6 +184,7 @@ def compile_model(opts: CompileOptions) -> dict:
                     "versions": rep.tool_versions(), "command": opts.command,
                     "files": {p.name: rep.sha256_file(p) for p in sorted(tmp.iterdir())
                               if p.is_file() and p.name not in ("manifest.json", "report.json", "report.md")}}
+        manifest.update(build.get("manifest", {}))
         rep.write_json(tmp / "manifest.json", manifest)
     report["out"] = str(out)
     return report

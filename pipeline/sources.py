@@ -89,7 +89,8 @@ def efficientnet_lite0():
 
 
 def resolve(spec: str, *, weights: str | None = None, input_shape: tuple[int, ...] | None = None,
-            preprocess: Preprocess | None = None) -> TorchSource | OnnxSource:
+            preprocess: Preprocess | None = None, seed: int = 0) -> TorchSource | OnnxSource:
+    """Resolve a --model spec. Random initial weights are drawn from `seed`, so runs are reproducible."""
     spec = spec.strip()
     if not spec:
         raise EdgecError("empty --model")
@@ -113,6 +114,9 @@ def resolve(spec: str, *, weights: str | None = None, input_shape: tuple[int, ..
         ctor = getattr(torchvision.models, name, None)
         if ctor is None or not callable(ctor) or name.startswith("_"):
             raise EdgecError(f"unknown torchvision model '{name}'")
+        import torch
+
+        torch.manual_seed(seed)
         kwargs = {"weights": None}
         if name in ("googlenet", "inception_v3"):
             kwargs.update(aux_logits=False, init_weights=True)
@@ -133,6 +137,7 @@ def resolve(spec: str, *, weights: str | None = None, input_shape: tuple[int, ..
             raise EdgecError(f"cannot import model factory '{spec}': {e}") from None
         import torch
 
+        torch.manual_seed(seed)
         mod = factory()
         if not isinstance(mod, torch.nn.Module):
             raise EdgecError(f"'{spec}' returned {type(mod).__name__}, not a torch.nn.Module")
