@@ -64,10 +64,10 @@ def _zero_producers(model, groups, removed):
             for k in (1, 2):
                 if len(n.input) > k and n.input[k]:
                     A = arrs[n.input[k]].copy()
-                    if n.op_type == "Gemm" and k == 1:
-                        A[pos] = 0 if any(a.name == "transB" and a.i for a in n.attribute) else A[pos]
-                        if not any(a.name == "transB" and a.i for a in n.attribute):
-                            A[:, pos] = 0
+                    trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+                    out_axis_1 = n.op_type in ("ConvTranspose", "MatMul") or (n.op_type == "Gemm" and not trans_b)
+                    if k == 1 and out_axis_1:
+                        A[:, pos] = 0
                     else:
                         A[pos] = 0
                     arrs[n.input[k]] = A

@@ -122,12 +122,6 @@ def test_unfused_bn_scales():
     assert sum(r.role == "bn" for r in g.others) == 2  # its own BN and the BN on the concatenation
 
 
-def _conv_then(op_nodes, c=8, extra_inits=()):
-    b = pm.GraphBuilder()
-    x = b.act(b.conv("input", 3, c), "relu")
-    return b, x
-
-
 def test_unsupported_op_closes_group_with_reason():
     b = pm.GraphBuilder()
     x = b.act(b.conv("input", 3, 8), "relu")

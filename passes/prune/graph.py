@@ -321,7 +321,6 @@ class _Analysis:
         rank[order] = np.arange(ncomp)
         self.comp = rank[comp]
         self.ncomp = ncomp
-        cfirst = first[order]  # smallest element of each component
         # closure reason per component (first one wins)
         reason = [None] * ncomp
         for elems, why in self.closures:
@@ -366,7 +365,6 @@ class _Analysis:
         for cs in self.group_comps:
             self.cidx[cs] = np.arange(len(cs))
         self.group_reason = [reason[cs[0]] for cs in self.group_comps]
-        del cfirst
 
     # ---------------------------------------------------------------- per-tensor queries
     def t_groups(self, t: str) -> np.ndarray:
