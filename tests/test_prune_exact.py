@@ -122,7 +122,8 @@ def test_exact_consumer_zeroed(name):
     _check(model, zeroed, pruned, groups, keep)
 
 
-@pytest.mark.parametrize("name", ["chain", "chain_nobias", "residual", "concat", "silu", "split", "slice"])
+@pytest.mark.parametrize("name", ["chain", "chain_nobias", "residual", "concat", "silu", "split", "slice",
+                                  "conv_transpose", "flatten_gemm"])
 def test_exact_producer_zeroed(name):
     """act(0) = 0 graphs: zeroing producer rows and biases makes the channel identically 0."""
     model = pm.GRAPHS[name]()
