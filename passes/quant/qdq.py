@@ -246,8 +246,10 @@ def _np_dtype(name: str):
 def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[str, tuple[float, float]],
                dialect: QuantDialect = ORT_CPU, *, weight_method: str = "minmax",
                input_means: dict[str, np.ndarray] | None = None, bias_correction: bool = True,
-               layers: list[Layer] | None = None) -> tuple[onnx.ModelProto, dict]:
+               layers: list[Layer] | None = None, weight_only: bool = False) -> tuple[onnx.ModelProto, dict]:
     """Emit the Q/DQ graph for per-layer `bits` ({layer name: bits}, missing = 32).
+
+    weight_only=True: 8-bit layers get int8 weights only (no activation Q/DQ, float bias): size-only compression.
 
     act_ranges must cover every tensor `plan_activations` returns (clip ranges [lo, hi]). Returns (model, info)
     with info = {"layers": {name: {...}}, "activations": {tensor: {scale, zero_point}}}.
@@ -271,7 +273,8 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
     need = dialect.opset if low_bit else max(13, min(opset, dialect.opset))
     if opset < need:
         m = onnx.version_converter.convert_version(m, need)
-    q_tensors, alias = plan_activations(m, layers, bits, dialect)
+    q_tensors, alias = plan_activations(m, layers, {} if weight_only else bits, dialect)
+    int32_bias = dialect.int32_bias and not weight_only
     missing = [t for t in q_tensors if alias.get(t, t) not in act_ranges and t not in act_ranges]
     if missing:
         raise ValueError(f"no calibration range for {len(missing)} tensor(s), e.g. {missing[0]}")
@@ -395,7 +398,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
                 if delta is not None:
                     bias = (np.zeros(n_out) if bias0 is None else bias0) - delta
                     entry["bias_corrected"] = True
-            if b != 8 or bias is None or not dialect.int32_bias:
+            if b != 8 or bias is None or not int32_bias:
                 break
             # int32 bias must fit: raise the weight scale of channels whose s_x * s_w is too small
             need = np.abs(bias) / (qp[L.input].scale * float(2 ** 30))
@@ -411,7 +414,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
             entry["bias_overflow_channels"] = int(bad.sum())
         if bias is not None:
             bias_slot = 2
-            if b == 8 and dialect.int32_bias:
+            if b == 8 and int32_bias:
                 s_x = qp[L.input].scale
                 s_w = s if block is None else None
                 bscale = (s_x * s_w).astype(np.float32)

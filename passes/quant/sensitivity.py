@@ -56,13 +56,14 @@ def measure_sensitivity(model: onnx.ModelProto, layers: list[Layer], candidates:
                         act_ranges: dict, dialect: QuantDialect, feeds: list[dict[str, np.ndarray]], *,
                         metric: str = "kl", weight_method: str = "minmax", input_means: dict | None = None,
                         bias_correction: bool = True, cache_dir: str | None = None, threads: int = 1,
-                        progress: Callable[[str], None] | None = None, cache_extra: dict | None = None) -> dict:
+                        progress: Callable[[str], None] | None = None, cache_extra: dict | None = None,
+                        weight_only: bool = False) -> dict:
     """{layer: {bits: sensitivity}} (bits as str keys in the cache, int here); 32 bits -> 0."""
     key = None
     path = None
     if cache_dir:
         key = cache_key(model, dialect=dialect.name, candidates=candidates, metric=metric, weight_method=weight_method,
-                        bias_correction=bias_correction, samples=len(feeds),
+                        bias_correction=bias_correction, samples=len(feeds), weight_only=weight_only,
                         ranges={k: [round(float(v[0]), 7), round(float(v[1]), 7)] for k, v in sorted(act_ranges.items())},
                         extra=cache_extra or {})
         path = Path(cache_dir) / "quant_sensitivity" / f"{key}.json"
@@ -85,7 +86,8 @@ def measure_sensitivity(model: onnx.ModelProto, layers: list[Layer], candidates:
                 out[L.name][32] = 0.0
                 continue
             qm, _ = insert_qdq(model, {L.name: b}, act_ranges, dialect, weight_method=weight_method,
-                               input_means=input_means, bias_correction=bias_correction, layers=layers)
+                               input_means=input_means, bias_correction=bias_correction, layers=layers,
+                               weight_only=weight_only)
             sess = ort_session(qm, threads=threads, optimize=True)
             d = [output_distance(run_session(sess, f), r, metric) for f, r in zip(feeds, refs)]
             out[L.name][b] = float(np.mean(d))
