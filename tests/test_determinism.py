@@ -14,7 +14,7 @@ from pipeline.cli import main
 from tests import realworld_models as rw
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ["cleanup", "[normalize, cleanup]"]
+RECIPES = ["cleanup", "[normalize, cleanup]", "quant"]
 VOLATILE = {"seconds"}
 
 
