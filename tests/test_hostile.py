@@ -72,8 +72,31 @@ def _save(m: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
+def _user_files_read_outside_model_dir(argv, scope: Path) -> list[str]:
+    """Paths opened under `scope` (the test's own area: model dir, secrets, outputs) other than the model's
+    directory and the files named by --data / --weights. Library and interpreter files are not user data."""
+    allowed_dirs, allowed = [], set()
+    for flag, val in zip(argv, argv[1:]):
+        if flag == "--model" and val.endswith(".onnx"):
+            allowed_dirs.append(os.path.realpath(Path(val).parent))
+        if flag in ("--data", "--weights"):
+            allowed.add(os.path.realpath(val))
+    scope_r = os.path.realpath(scope)
+    bad = []
+    for p in _OPENED:
+        r = os.path.realpath(p)
+        if not r.startswith(scope_r + os.sep) or r in allowed:
+            continue
+        if any(r == d or r.startswith(d + os.sep) for d in allowed_dirs):
+            continue
+        bad.append(r)
+    return bad
+
+
 def _refused(argv, capsys, out: Path, *patterns: str, code: int = 2) -> str:
-    rc = main(argv)
+    with OpenLog():
+        rc = main(argv)
+    assert not _user_files_read_outside_model_dir(argv, out.parent), _OPENED
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == code, err
@@ -232,10 +255,9 @@ def test_external_data_escaping_model_dir_is_refused_and_never_read(tmp_path, ca
     monkeypatch.setattr(edh, "load_external_data_for_model", _never)
     monkeypatch.setattr(onnx, "load_external_data_for_model", _never, raising=False)
     before = sentinel.read_bytes()
-    with OpenLog() as log:
-        _refused(_compile(p, tmp_path / "out"), capsys, tmp_path / "out", r"model\.onnx: ",
-                 r"(refusing external data|does not exist)")
-    assert log.touched(sentinel) == [], "a file outside the model directory was opened"
+    _refused(_compile(p, tmp_path / "out"), capsys, tmp_path / "out", r"model\.onnx: ",
+             r"(refusing external data|does not exist)")
+    assert OpenLog().touched(sentinel) == [], "a file outside the model directory was opened"
     assert sentinel.read_bytes() == before
 
 
@@ -283,10 +305,9 @@ def test_model_over_2gb_single_file_refused_before_reading(tmp_path, capsys):
     p.parent.mkdir()
     with open(p, "wb") as f:  # sparse: 2.2 GB apparent size, no disk used
         f.truncate(2_200_000_000)
-    with OpenLog() as log:
-        _refused(_compile(p, tmp_path / "out"), capsys, tmp_path / "out", r"over protobuf's 2 GiB limit",
-                 r"external data")
-    assert log.touched(p) == [], "the oversized file was opened"
+    _refused(_compile(p, tmp_path / "out"), capsys, tmp_path / "out", r"over protobuf's 2 GiB limit",
+             r"external data")
+    assert OpenLog().touched(p) == [], "the oversized file was opened"
 
 
 def test_large_model_goes_through_external_data_path(tmp_path, capsys, monkeypatch):
