@@ -708,3 +708,18 @@ def finish_dynamic(final: onnx.ModelProto, original: onnx.ModelProto, axes: dict
     return out, {"axes": {n: {str(k): v for k, v in a.items()} for n, a in axes.items()},
                  "verified_at": [r["shape"] for r in per_shape],
                  "per_shape": per_shape}
+
+
+def ort_source(model: onnx.ModelProto, workdir: str | os.PathLike, *, threshold: int | None = None) -> bytes | str:
+    """What to hand onnxruntime.InferenceSession: the serialized model, or -- for a model over LARGE_MODEL_BYTES
+    (protobuf cannot serialize past 2 GiB) -- the path of a copy written into `workdir` with its weights as
+    external data. The caller owns `workdir` (ORT has read the weights once the session exists)."""
+    limit = LARGE_MODEL_BYTES if threshold is None else threshold
+    if model.ByteSize() <= limit:
+        return model.SerializeToString(deterministic=True)
+    path = Path(workdir) / "model.onnx"
+    big = onnx.ModelProto()
+    big.CopyFrom(model)
+    onnx.save_model(big, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return str(path)

@@ -333,6 +333,16 @@ def test_large_model_goes_through_external_data_path(tmp_path, capsys, monkeypat
     m = load_onnx_file(rec.path)
     assert seen and max(seen) < weights, (seen, weights)
     assert all(t.data_location == T.DEFAULT and t.raw_data for t in m.graph.initializer)
+    # ORT gets a path with external data instead of bytes once the model is over the (lowered) limit
+    import onnxruntime as ort
+
+    (tmp_path / "spill").mkdir()
+    src = imp.ort_source(m, tmp_path / "spill", threshold=1000)
+    assert isinstance(src, str) and (tmp_path / "spill" / "model.onnx.data").stat().st_size > weights // 2
+    x = {"input": np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    a = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    b = ort.InferenceSession(imp.ort_source(m, tmp_path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.array_equal(a, b)
     assert main(_compile(rec.path, tmp_path / "out", "--input-shape", "input:1x3x32x32")) == 0, capsys.readouterr().err
 
 
