@@ -111,3 +111,33 @@ def test_joint_pruning_mixed_bits_100x_within_1_5pt(data, tmp_path):
     from onnx import TensorProto
 
     assert any(i.data_type == TensorProto.INT4 for i in qm.graph.initializer)
+
+
+@pytest.mark.parametrize("search", ["alternating", "ga"])
+def test_joint_prune_pass_and_bits_under_budget_with_floor(data, tmp_path, search):
+    """ONNX-level joint search (prune pass x bit allocation): within budget and above the floor, or says why."""
+    from passes.base import PassContext
+    from passes.quant.joint import JointOptions, joint_compress
+    from passes.quant.qdq import find_layers
+
+    xtr, ytr, xte, yte = data
+    _, m, a0 = _trained(_vgg, data)
+    n = 200
+    feeds = [{"input": xtr[i:i + 1]} for i in range(n)]
+    ctx = PassContext(calib_batches=lambda: iter(feeds), calib_labels=ytr[:n], reference_model=m, cache_dir=str(tmp_path))
+    params = sum(L.params for L in find_layers(m))
+    r = joint_compress(m, ctx, JointOptions(target_bits_per_weight=3.0, max_accuracy_drop=1.5, search=search,
+                                            eval_samples=n, ga_population=6, ga_generations=3))
+    st = r.stats
+    assert st["budget_met"] and st["floor"]["met"]
+    assert st["chosen"]["weight_bits"] <= 3.0 * params
+    assert st["chosen"]["accuracy_drop"] <= 1.5
+    assert a0 - _acc(r.model, xte, yte) <= 3.0  # held-out drop stays near the calibration-measured floor
+    # an impossible pair (tiny budget, no drop allowed) never returns a model below the floor, and says so
+    r2 = joint_compress(m, ctx, JointOptions(target_bits_per_weight=0.5, max_accuracy_drop=0.0, search="alternating",
+                                             eval_samples=n, keep_grid=(1.0, 0.7)))
+    assert "note" in r2.stats
+    if r2.modified:
+        assert r2.stats["chosen"]["accuracy_drop"] <= 0.0 and not r2.stats["budget_met"]
+    else:
+        assert r2.model is m
