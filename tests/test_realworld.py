@@ -187,3 +187,35 @@ def test_normalize_pass_on_paddle_graph():
             uses[n.input[1]] = uses.get(n.input[1], 0) + 1
     assert max(uses.values()) == 1, "a Conv weight is still shared"
     assert len({n.name for n in out.graph.node}) == len(out.graph.node)
+
+
+def test_dynamic_batch_on_a_fixed_batch_model(models):
+    """--dynamic batch on a model exported with batch 1: relaxed in both the compiled model and the reference."""
+    from pipeline.importer import dynamic_axes
+
+    rec = models["external_data"]
+    original = load_onnx_file(rec.path)
+    axes = dynamic_axes(original, "batch")
+    assert axes == {"input": {0: "input_batch"}}
+    final, section = finish_dynamic(onnx.ModelProto.FromString(original.SerializeToString()), original, axes,
+                                    {"input": (1, 3, 32, 32)})
+    assert section["verified_at"] == [{"input": [1, 3, 32, 32]}, {"input": [2, 3, 32, 32]}]
+    assert final.graph.output[0].type.tensor_type.shape.dim[0].dim_param  # the batch of the output follows
+
+
+def test_dynamic_axis_the_original_fixes_internally_is_refused():
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from pipeline.errors import EdgecError
+    from pipeline.importer import dynamic_axes
+
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 2, 2])],
+                          [numpy_helper.from_array(np.array([1, 2, 2], np.int64), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(EdgecError, match=r"the original model does not run at input shape 2x4 .*leave that axis out"):
+        finish_dynamic(onnx.ModelProto.FromString(m.SerializeToString()), m, dynamic_axes(m, "batch"), {"x": (1, 4)})
+    with pytest.raises(EdgecError, match=r"--dynamic: unknown axis 'depth'"):
+        dynamic_axes(m, "batch,depth")
