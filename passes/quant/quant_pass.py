@@ -307,6 +307,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         stats["pareto"] = [{"cost": p.cost * unit, "sensitivity": p.objective,
                             "bits_histogram": _hist(p.bits)} for p in front]
         png = opts.pareto_plot or (os.path.join(ctx.cache_dir, "quant_pareto.png") if ctx.cache_dir else None)
+        png = os.path.abspath(png) if png else None
         if png:
             os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
             scaled = [allocate.Solution(p.bits, p.objective, p.cost * unit, p.budget * unit) for p in front]
