@@ -307,10 +307,11 @@ def _check_graph(g: onnx.GraphProto, name: str, outer: set[str], functions: set,
     deps: list[set[int]] = []
     for idx, n in enumerate(g.node):
         _check_op(n, idx, where, functions, opsets)
-        reads = [i for i in n.input]
-        sub_defined = available | set(producer)
-        for a in n.attribute:
-            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+        reads = list(n.input)
+        subgraphs = [sg for a in n.attribute for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+        if subgraphs:  # If/Loop/Scan bodies may read any name of the enclosing scope
+            sub_defined = available | set(producer)
+            for sg in subgraphs:
                 _check_graph(sg, name, outer=sub_defined, functions=functions, opsets=opsets)
                 reads += sorted(_subgraph_free_names(sg))
         d = set()

@@ -520,3 +520,27 @@ def test_subprocess_exit_code_no_traceback(tmp_path, case, sentinel):
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and re.search(pattern, lines[0]) and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
+
+
+def _if_model(branch_reads: str) -> onnx.ModelProto:
+    then_g = helper.make_graph([helper.make_node("Relu", [branch_reads], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", T.FLOAT, [1, 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["a"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", T.FLOAT, [1, 4])])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="pre"),
+             helper.make_node("ReduceSum", ["a"], ["s"], keepdims=0, name="sum"),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="branch")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4])],
+                          [numpy_helper.from_array(np.float32(0), "zero")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subgraph_reads_from_outer_scope_are_accepted_and_dangling_ones_refused(tmp_path):
+    ok = _save(_if_model("a"), tmp_path / "m" / "if_ok.onnx")
+    m = load_onnx_file(ok)
+    assert [n.op_type for n in m.graph.node][-1] == "If"
+    bad = _save(_if_model("nowhere"), tmp_path / "m" / "if_bad.onnx")
+    with pytest.raises(EdgecError, match=r"subgraph 'then'.*reads 'nowhere'.*dangling"):
+        load_onnx_file(bad)
