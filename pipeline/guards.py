@@ -282,3 +282,16 @@ class data_limit:
 
             resource.setrlimit(resource.RLIMIT_DATA, self.old)
         return False
+
+
+def check_finite_state_dict(state: dict, what: str) -> None:
+    """NaN/Inf in any floating tensor of a torch state dict (weights and buffers) is an error, found before export."""
+    for k, t in state.items():
+        if not hasattr(t, "is_floating_point") or not t.is_floating_point() or t.numel() == 0:
+            continue
+        import torch
+
+        bad = int((~torch.isfinite(t.detach())).sum())
+        if bad:
+            kind = "NaN" if bool(torch.isnan(t.detach()).any()) else "Inf"
+            raise EdgecError(f"{what}: weight '{k}' contains {bad} NaN/Inf value(s) (first kind: {kind})")

@@ -544,3 +544,17 @@ def test_subgraph_reads_from_outer_scope_are_accepted_and_dangling_ones_refused(
     bad = _save(_if_model("nowhere"), tmp_path / "m" / "if_bad.onnx")
     with pytest.raises(EdgecError, match=r"subgraph 'then'.*reads 'nowhere'.*dangling"):
         load_onnx_file(bad)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nan_inf_in_pth_weights_found_before_export(tmp_path, capsys, bad):
+    import torch
+    import torchvision
+
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float(bad)
+    w = tmp_path / "w.pth"
+    torch.save(sd, w)
+    out = tmp_path / "out"
+    _refused(["compile", "--model", "torchvision:resnet18", "--weights", str(w), "--out", str(out), *FAST], capsys, out,
+             rf"resnet18: weight 'layer1.0.conv1.weight' contains 1 NaN/Inf value\(s\) \(first kind: {bad.capitalize()}\)")
