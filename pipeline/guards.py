@@ -291,7 +291,7 @@ def check_finite_state_dict(state: dict, what: str) -> None:
             continue
         import torch
 
-        bad = int((~torch.isfinite(t.detach())).sum())
-        if bad:
-            kind = "NaN" if bool(torch.isnan(t.detach()).any()) else "Inf"
-            raise EdgecError(f"{what}: weight '{k}' contains {bad} NaN/Inf value(s) (first kind: {kind})")
+        t = t.detach()
+        if not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise EdgecError(f"{what}: weight '{k}' contains {nan} NaN and {inf} Inf value(s)")
