@@ -141,8 +141,15 @@ class MemoryGuard:
         if self.limit is None:
             return False
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        try:
+            if self._thread is not None:
+                self._thread.join()
+            if self.tripped:
+                time.sleep(0.01)  # a pending interrupt from the watchdog surfaces here, not after we return
+        except KeyboardInterrupt:
+            if not self.tripped:
+                raise
+            et = et or KeyboardInterrupt
         if self._old_rlimit is not None:
             import resource
 
@@ -152,11 +159,6 @@ class MemoryGuard:
         if et is not None and issubclass(et, MemoryError):
             raise MemoryLimitExceeded(f"out of memory during {self.stage} (limit {_fmt(self.limit)})") from None
         if et is None and self.tripped:
-            # The interrupt is pending and would surface later as a bare KeyboardInterrupt: consume it here.
-            try:
-                time.sleep(0)
-            except KeyboardInterrupt:
-                pass
             raise MemoryLimitExceeded(self.message())
         return False
 
