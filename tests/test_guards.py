@@ -98,3 +98,18 @@ def test_check_finite_array():
     check_finite_array(np.arange(3), "ints are always finite")
     with pytest.raises(EdgecError, match=r"calibration batch 3 contains 2 NaN/Inf"):
         check_finite_array(np.array([1, np.nan, np.inf], np.float32), "calibration batch 3")
+
+
+def test_cli_max_memory_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+    from tests import realworld_models as rw
+
+    rec = rw.write_attention(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["compile", "--model", str(rec.path), "--data", "synthetic", "--recipe", "cleanup", "--no-bench",
+               "--max-memory", "20M", "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("edgec: error: --max-memory 20 MiB is below what edgec already uses"), err
+    assert not out.exists()

@@ -219,3 +219,20 @@ def test_dynamic_axis_the_original_fixes_internally_is_refused():
         finish_dynamic(onnx.ModelProto.FromString(m.SerializeToString()), m, dynamic_axes(m, "batch"), {"x": (1, 4)})
     with pytest.raises(EdgecError, match=r"--dynamic: unknown axis 'depth'"):
         dynamic_axes(m, "batch,depth")
+
+
+def test_cli_dynamic_flag_keeps_axes_and_reports_two_shapes(models, tmp_path, capsys):
+    from pipeline.cli import main
+
+    rec = models["ultralytics_detector"]
+    out = tmp_path / "cli"
+    rc = main(["compile", "--model", str(rec.path), "--input-shape", rec.shape_args[0], "--dynamic", "batch,height,width",
+               "--recipe", DYNAMIC_RECIPE, "--out", str(out), "--no-bench", "--calib-samples", "2", "--eval-samples", "2",
+               "-q"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    shapes = report["dynamic"]["verified_at"]
+    assert shapes[0] == {"images": [1, 3, 64, 64]} and shapes[1] != shapes[0]
+    assert all(r["summary"]["cosine_min"] > 0.9999 for r in report["dynamic"]["per_shape"])
+    dims = onnx.load(str(out / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
