@@ -60,6 +60,7 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> int:
     if n:
         del model.graph.input[:]
         model.graph.input.extend(keep)
+        model.ir_version = max(model.ir_version, 4)  # IR < 4 requires every initializer to be a graph input
     return n
 
 
