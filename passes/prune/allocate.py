@@ -118,10 +118,11 @@ def uniform(sizes: dict[int, int], cost: CostFn, budget: Budget, round_to: int =
 
 
 def global_threshold(scores: dict[int, np.ndarray], cost: CostFn, budget: Budget, round_to: int = 8,
-                     aligns: dict[int, int] | None = None) -> Allocation:
-    """keep_g = round(#{s_gc >= t}) with scores normalised by each group's mean; lowest t in the budget."""
+                     aligns: dict[int, int] | None = None, normalize: bool = True) -> Allocation:
+    """keep_g = round(#{s_gc >= t}) with scores normalised by each group's mean (unless already comparable, e.g.
+    relative reconstruction errors); lowest t in the budget."""
     aligns = aligns or {}
-    norm = {g: _mean_norm(s) for g, s in scores.items()}
+    norm = {g: _mean_norm(s) if normalize else np.asarray(s, np.float64) for g, s in scores.items()}
     allv = np.sort(np.concatenate(list(norm.values())))
 
     def make(a):  # a = fraction of all channels above the threshold

@@ -35,15 +35,17 @@ class PruneOptions:
     target_params: float | None = None
     target_latency_ms: float | None = None
     criterion: str = "recon"
-    allocation: str = "uniform"
+    allocation: str = "sensitivity"
     round_to: int = 8
     recovery: str = "lstsq"
     calib_samples: int = 64
     score_samples: int = 32
     fidelity_samples: int = 8
-    ridge: float = 1e-3
+    ridge: float = 1e-2
     max_positions: int = 256
     residual_target: bool = True
+    protect_residual: bool = True
+    refit_scope: str = "consumers"
     min_keep_ratio: float = 0.0
     sensitivity_ratios: tuple = (0.25, 0.5, 0.75)
     ga_population: int = 12
@@ -69,6 +71,8 @@ class PruneOptions:
             raise ValueError(f"criterion must be one of {', '.join(crit.CRITERIA)}, got {self.criterion!r}")
         if self.allocation not in alloc.ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(alloc.ALLOCATIONS)}, got {self.allocation!r}")
+        if self.refit_scope not in ("consumers", "downstream"):
+            raise ValueError(f"refit_scope must be consumers or downstream, got {self.refit_scope!r}")
         if self.recovery not in RECOVERIES:
             raise ValueError(f"recovery must be one of {', '.join(RECOVERIES)}, got {self.recovery!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
@@ -272,6 +276,11 @@ def _log_softmax(x):
 
 
 # ----------------------------------------------------------------------------- the pass
+def _candidates(groups, opts):
+    """Prunable groups; with protect_residual, groups coupled by residual adds (several producers) are kept whole."""
+    return [g for g in groups if g.prunable and g.size >= 2 and not (opts.protect_residual and len(g.producers) > 1)]
+
+
 def _select(groups_by_id, scores, keep_counts):
     from passes.prune.graph import select_channels
 
@@ -308,7 +317,8 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
     if opts.allocation == "uniform":
         a = alloc.uniform(sizes, cost_f, budget, r2, aligns)
     elif opts.allocation == "global":
-        a = alloc.global_threshold({g: scores[g] for g in sizes}, cost_f, budget, r2, aligns)
+        a = alloc.global_threshold({g: scores[g] for g in sizes}, cost_f, budget, r2, aligns,
+                                   normalize=opts.criterion != "recon")
     elif opts.allocation == "adaptive":
         from passes.prune import graph as G
 
@@ -359,10 +369,18 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
     for gid in keep_idx:
         for L in G.consumer_layers(model_ref, groups_by_id[gid]):
             layers.add(L["node"])
+    if opts.refit_scope == "downstream" and layers:
+        # every linear layer from the first refit consumer on: later layers also absorb the accumulated error
+        names = [n.name for n in model_ref.graph.node]
+        first = min(names.index(nm) for nm in layers if nm in names)
+        pruned_names = {n.name for n in model_pruned.graph.node}
+        for n in model_ref.graph.node[first:]:
+            if n.op_type in ("Conv", "Gemm", "MatMul") and n.name in pruned_names:
+                layers.add(n.name)
     # which reference output channels each refit layer still produces
     outs: dict[str, list] = {}
     for g in groups:
-        for r in g.producers:
+        for r in g.producers + [o for o in g.others if o.role == "dw"]:
             outs.setdefault(r.node, []).append((g.id, r.offset, g.size))
     out_channels = {}
     for name in list(layers):
@@ -443,7 +461,7 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
     from passes.prune.graph import CostModel
 
     groups_by_id = {g.id: g for g in groups}
-    prunable = [g for g in groups if g.prunable and g.size >= 2]
+    prunable = _candidates(groups, opts)
     cm = CostModel(model, groups)
     bm, bp = max(cm.base_macs, 1), max(cm.base_params, 1)
 
@@ -477,7 +495,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
     model, folded = fold_small_constants(model)
     with _memo_analysis():
         groups = analyze(model)
-        prunable = [g for g in groups if g.prunable and g.size >= 2]
+        prunable = _candidates(groups, opts)
         ctx.progress(f"prune: {len(prunable)}/{len(groups)} prunable groups; scoring by {opts.criterion}")
         scores, notes, acts = score_groups(model, prunable, opts.criterion, ctx, opts)
         probe = FidelityProbe(model, ctx, opts.fidelity_samples) if opts.allocation in ("sensitivity", "ga") else None
@@ -515,7 +533,9 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
         "round_to": opts.round_to, "constants_folded": folded,
         "groups": rows, "groups_pruned": rstats["groups_pruned"], "groups_prunable": rstats["groups_prunable"],
         "channels_removed": rstats["channels_removed"],
-        "skipped": {str(r["id"]): r["reason"] for r in rstats["groups"] if not r["prunable"]},
+        "skipped": {**{str(r["id"]): r["reason"] for r in rstats["groups"] if not r["prunable"]},
+                    **{str(g.id): "protected: coupled across a residual add (protect_residual)" for g in groups
+                       if g.prunable and opts.protect_residual and len(g.producers) > 1}},
         "macs_ratio": round(after.macs / bm, 4) if after.macs else round(a.cost[0], 4),
         "params_ratio": round(after.params / bp, 4),
         "model_macs_ratio": round(a.cost[0], 4), "model_params_ratio": round(a.cost[1], 4),

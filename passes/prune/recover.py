@@ -314,7 +314,7 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
                 feeds: Callable[[], Iterable[dict]], *, samples: int = 64, ridge: float = 1e-3,
                 max_positions: int = 256, residual_target: bool = True, fit_bias: bool = True,
                 max_dim: int = 4608, seed: int = 0, threads: int = 1,
-                out_channels: dict[str, np.ndarray | None] | None = None,
+                out_channels: dict[str, np.ndarray | None] | None = None, min_rows_factor: float = 2.0,
                 progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Refit the named consumer nodes in topological order against `reference` (the unpruned model).
 
@@ -366,6 +366,9 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
                 accs[g].update(X, T)
         if not accs:
             stats[name] = {"skipped": "no calibration samples"}
+            continue
+        if accs[0].rows < min_rows_factor * accs[0].d:
+            stats[name] = {"skipped": f"{accs[0].rows} calibration rows < {min_rows_factor} x {accs[0].d} features"}
             continue
         o_total = sum(W.shape[0] for W in Ws)
         b0 = layer.bias_vector(model, o_total)

@@ -1,0 +1,129 @@
+"""Channel importance criteria (passes/prune/criteria.py): array-level math and streamed activation statistics."""
+import numpy as np
+import pytest
+
+from passes.prune import criteria as C
+
+
+def test_l1_l2_rank_by_magnitude_and_normalise_members():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((6, 20))
+    A[2] *= 0.01
+    B = rng.standard_normal((6, 5)) * 1000.0  # a member of a very different scale
+    B[2] *= 0.01
+    for f in (C.l1_score, C.l2_score):
+        s = f([A, B])
+        assert np.argmin(s) == 2
+        # member normalisation: scaling one member does not change the scores
+        np.testing.assert_allclose(f([A, B * 7.0]), s, rtol=1e-12)
+
+
+def test_apoz_and_entropy():
+    np.testing.assert_allclose(C.apoz_score(np.array([0.0, 0.5, 1.0])), [1.0, 0.5, 0.0])
+    rng = np.random.default_rng(1)
+    pooled = np.stack([np.full(50, 3.0), rng.standard_normal(50), rng.uniform(size=50)], 1)
+    e = C.entropy_score(pooled, bins=8)
+    assert e[0] == 0.0 and e[1] > 0.5 and e[2] > 0.5
+    assert e[2] <= np.log(8) + 1e-9
+
+
+def test_kl_marks_duplicated_filters_as_redundant():
+    rng = np.random.default_rng(2)
+    P = rng.standard_normal((8, 64))
+    P[5] = P[1] * 2.0 + 1e-3 * rng.standard_normal(64)  # 1 and 5 are near copies
+    s = C.kl_score(P, tau=0.1)
+    assert set(np.argsort(s)[:2]) == {1, 5}
+
+
+def _lstsq_err(X, Y, cols):
+    """Relative error of the best affine fit of Y from X[:, cols] (plus a ones column)."""
+    Xa = np.concatenate([X[:, cols], np.ones((len(X), 1))], 1)
+    A = np.linalg.lstsq(Xa, Y, rcond=None)[0]
+    return float(((Xa @ A - Y) ** 2).sum() / (Y ** 2).sum())
+
+
+def test_obs_order_matches_direct_least_squares():
+    rng = np.random.default_rng(3)
+    n, o, rows = 6, 4, 400
+    X = rng.standard_normal((rows, n))
+    X[:, 4] = 2.0 * X[:, 1] - X[:, 0]  # channel 4 is redundant given 0 and 1
+    W = rng.standard_normal((o, n))
+    b = rng.standard_normal(o)
+    Y = X @ W.T + b
+    Xa = np.concatenate([X, np.ones((rows, 1))], 1)
+    G = Xa.T @ Xa
+    A = np.concatenate([W, b[:, None]], 1)
+    tt = float((Y ** 2).sum())
+    order, cum = C.obs_order([(G, A, tt, np.arange(n)[:, None])], n, ridge=1e-9)
+    assert sorted(order.tolist()) == list(range(n))
+    assert order[0] in (0, 1, 4)  # a channel of the dependent triple goes first, at ~zero cost
+    assert cum[0] < 1e-6
+    # cumulative errors equal the error of refitting the survivors directly
+    for k in range(1, n - 1):
+        alive = sorted(set(range(n)) - set(order[:k + 1].tolist()))
+        assert cum[k] == pytest.approx(_lstsq_err(X, Y, alive), rel=1e-3, abs=1e-6)
+    assert np.all(np.diff(cum[np.isfinite(cum)]) >= -1e-9)
+
+
+def test_obs_block_channels_with_taps():
+    rng = np.random.default_rng(4)
+    n, taps, rows = 4, 3, 300
+    X = rng.standard_normal((rows, n * taps))
+    W = rng.standard_normal((2, n * taps))
+    W[:, 6:9] *= 1e-4  # channel 2's taps barely matter
+    Y = X @ W.T
+    Xa = np.concatenate([X, np.ones((rows, 1))], 1)
+    A = np.concatenate([W, np.zeros((2, 1))], 1)
+    s = C.recon_scores([(Xa.T @ Xa, A, float((Y ** 2).sum()), np.arange(n * taps).reshape(n, taps))], n)
+    assert np.argmin(s) == 2
+
+
+def test_actnorm_and_random():
+    s = C.actnorm_score(np.array([1.0, 2.0, 0.0]), [np.array([[3.0, 4.0], [1.0, 0.0], [5.0, 5.0]])])
+    np.testing.assert_allclose(s, [5.0, 2.0, 0.0])
+    r1 = C.random_score(10, np.random.default_rng(5))
+    r2 = C.random_score(10, np.random.default_rng(5))
+    np.testing.assert_array_equal(r1, r2)
+
+
+def test_activation_stats_stream_matches_direct():
+    from calib.activations import stream_activations
+    from passes.prune.graph import analyze
+    from prune_models import chain
+
+    m = chain()
+    groups = [g for g in analyze(m) if g.prunable]
+    rng = np.random.default_rng(6)
+    feeds = [{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
+    st = C.activation_stats(m, groups, iter(feeds), samples=5)
+    for g in groups:
+        acts = np.concatenate([a[g.stat_tensor] for a in stream_activations(m, [g.stat_tensor], feeds)], 0)
+        x = acts[:, g.stat_offset:g.stat_offset + g.size]
+        np.testing.assert_allclose(st[g.id]["mean_abs"], np.abs(x).mean(axis=(0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(st[g.id]["apoz"], (x <= 0).mean(axis=(0, 2, 3)), rtol=1e-6)
+        assert st[g.id]["pooled"].shape == (5, g.size)
+
+
+def test_taylor_scores_zero_for_dead_channel():
+    import onnx
+    from onnx import numpy_helper
+
+    from passes.base import PassContext
+    from passes.prune.graph import analyze
+    from passes.prune.torch_tools import taylor_scores
+    from prune_models import chain
+
+    m = chain()
+    g = next(g for g in analyze(m) if g.prunable and g.producers and g.producers[0].op == "Conv")
+    node = next(n for n in m.graph.node if n.name == g.producers[0].node)
+    for i, t in enumerate(m.graph.initializer):  # kill channel 1 of the producer (weights and bias)
+        if t.name in node.input[1:3]:
+            a = numpy_helper.to_array(t).copy()
+            a[1] = 0
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(a, t.name))
+    rng = np.random.default_rng(7)
+    feeds = [{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    ctx = PassContext(calib_batches=lambda: iter(feeds))
+    s = taylor_scores(m, [g], ctx, samples=4)[g.id]
+    assert s.shape == (g.size,) and s[1] == 0.0 and (s >= 0).all() and s.sum() > 0
+    assert isinstance(m, onnx.ModelProto)
