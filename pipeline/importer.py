@@ -15,9 +15,14 @@ load_onnx_file(path) checks, in this order, and stops at the first problem with 
   8. then external data is read (only the validated byte ranges) and weights are checked for NaN/Inf.
 
 fix_input_shapes: make symbolic input dims concrete (--input-shape name:1x3x224x224, else batch=1 and the
-spatial defaults) so every pass sees static shapes. `dynamic_axes`, `restore_dynamic_axes` and
-`verify_at_shapes` implement `--dynamic batch,height,width`: the emitted model keeps those axes symbolic and
-is checked against the original at two different shapes.
+spatial defaults) so every pass sees static shapes.
+
+--dynamic batch,height,width: `plan_input_shapes` keeps the chosen axes symbolic in the model the passes see (so
+shape computations are not folded for one size) and returns concrete shapes for the data; `finish_dynamic`
+restores the axes in the compiled model and verifies it against the original at two shapes (`verify_at_shapes`),
+failing with EdgecError if it does not run or differs.
+
+Models over protobuf's 2 GiB limit: checked without their weights; `ort_source` hands ORT a path with external data.
 """
 from __future__ import annotations
 
