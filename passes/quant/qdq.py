@@ -246,10 +246,12 @@ def _np_dtype(name: str):
 def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[str, tuple[float, float]],
                dialect: QuantDialect = ORT_CPU, *, weight_method: str = "minmax",
                input_means: dict[str, np.ndarray] | None = None, bias_correction: bool = True,
-               layers: list[Layer] | None = None, weight_only: bool = False) -> tuple[onnx.ModelProto, dict]:
+               layers: list[Layer] | None = None, weight_only: bool = False,
+               bias_shift: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Emit the Q/DQ graph for per-layer `bits` ({layer name: bits}, missing = 32).
 
     weight_only=True: 8-bit layers get int8 weights only (no activation Q/DQ, float bias): size-only compression.
+    bias_shift: {layer: per-output-channel vector} added to the layer's bias (empirical bias correction).
 
     act_ranges must cover every tensor `plan_activations` returns (clip ranges [lo, hi]). Returns (model, info)
     with info = {"layers": {name: {...}}, "activations": {tensor: {scale, zero_point}}}.
@@ -398,6 +400,9 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
                 if delta is not None:
                     bias = (np.zeros(n_out) if bias0 is None else bias0) - delta
                     entry["bias_corrected"] = True
+            if bias_shift is not None and L.name in bias_shift:
+                bias = (np.zeros(n_out) if bias is None else bias) + np.asarray(bias_shift[L.name], np.float64).reshape(-1)
+                entry["bias_shifted"] = True
             if b != 8 or bias is None or not int32_bias:
                 break
             # int32 bias must fit: raise the weight scale of channels whose s_x * s_w is too small
@@ -527,3 +532,4 @@ def weight_bits(layers: list[Layer], bits: dict[str, int], *, block_size: int = 
             nscales = L.w_shape[L.channel_axis]
         out[L.name] = float(n * b + nscales * 32)
     return out
+
