@@ -130,3 +130,16 @@ def test_tensorrt_dialect_through_the_pass(tmp_path):
     f = list(ctx.calib_batches())[:4]
     for a, b in zip([ort_session(r.model).run(None, x)[0] for x in f], [ort_session(m).run(None, x)[0] for x in f]):
         assert np.abs(a - b).max() / np.abs(b).max() < 0.5  # int4 on a random 128x12 MatMul costs ~0.3 alone
+
+
+def test_layer_bits_and_keep_fp32(tmp_path):
+    from passes.quant.qdq import find_layers
+
+    m = pm.reshape_gemm()
+    L = find_layers(m)
+    r = quantize(m, _ctx(m, tmp_path), layer_bits={L[1].name: 4}, keep_fp32=(L[2].name,), calib_samples=8)
+    assert r.stats["bits"] == {L[0].name: 8, L[1].name: 4, L[2].name: 32}
+    with pytest.raises(ValueError):
+        QuantOptions(layer_bits={"x": 5})
+    with pytest.raises(EdgecError, match="unknown layer"):
+        quantize(m, _ctx(m, tmp_path), layer_bits={"nope": 4}, calib_samples=8)

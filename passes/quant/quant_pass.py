@@ -53,6 +53,7 @@ class QuantOptions:
     fold_pads: bool = True
     default_bits: int = 8                        # all layers at this precision when no budget is given
     keep_fp32: tuple[str, ...] = ()
+    layer_bits: dict | None = field(default=None, compare=False)  # {layer: bits} forced (e.g. from --set or a recipe)
     min_top1_agreement: float | None = None
     max_accuracy_drop: float | None = None       # in points of accuracy (0-100), needs calibration labels
     floor_samples: int = 64
@@ -80,6 +81,9 @@ class QuantOptions:
             if any(b not in (32, 16, 8, 4, 3, 2) for b in self.bits):
                 raise ValueError("bits must be among 32, 16, 8, 4, 3, 2")
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32 or ()))
+        if self.layer_bits is not None:
+            if not isinstance(self.layer_bits, dict) or any(int(b) not in (32, 16, 8, 4, 3, 2) for b in self.layer_bits.values()):
+                raise ValueError("layer_bits must map layer names to bits among 32, 16, 8, 4, 3, 2")
         if self.default_bits not in (32, 16, 8, 4, 3, 2):
             raise ValueError("default_bits must be among 32, 16, 8, 4, 3, 2")
         if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
@@ -121,7 +125,9 @@ def candidate_bits(layers: list[Layer], dialect: QuantDialect, opts: QuantOption
             c.append(b)
         if L.name in opts.keep_fp32 or not c:
             c = [32]
-        if kind is not None and 32 not in c and opts.bits is None:
+        if opts.layer_bits and L.name in opts.layer_bits:
+            c = [int(opts.layer_bits[L.name])]
+        if kind is not None and 32 not in c and opts.bits is None and not (opts.layer_bits and L.name in opts.layer_bits):
             c.append(32)
         out[L.name] = sorted(set(c), reverse=True)
     return out
@@ -196,6 +202,11 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     layers = find_layers(m)
     if not layers:
         return PassResult(model, False, {**stats, "reason": "no quantizable layers (Conv/Gemm/MatMul with constant weights)"})
+    names = {L.name for L in layers}
+    unknown = sorted((set(opts.layer_bits or {}) | set(opts.keep_fp32)) - names)
+    if unknown:
+        raise EdgecError(f"unknown layer(s) in layer_bits/keep_fp32: {', '.join(unknown[:5])}; "
+                         f"layers are: {', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}")
     cands = candidate_bits(layers, dialect, opts)
     sym = dialect.activation_symmetric
 
