@@ -147,6 +147,7 @@ def compile_model(opts: CompileOptions) -> dict:
                         extra={"out": str(out), **opts.target_opts})
     with staged_dir(out) as tmp:
         final_bytes = save_onnx(final, tmp / "model.onnx")
+        _collect_plots(result.stages, tmp)
         ref_bytes = len(model_bytes(reference))
         build = target.build(final, tmp, bctx)
         _progress("measuring fidelity on the held-out split")
@@ -188,6 +189,18 @@ def compile_model(opts: CompileOptions) -> dict:
         rep.write_json(tmp / "manifest.json", manifest)
     report["out"] = str(out)
     return report
+
+
+def _collect_plots(stages, outdir: Path) -> None:
+    """Copy plots a pass wrote (stats key ending in '_png') into the artifact and point the stats at the copy."""
+    import shutil
+
+    for st in stages:
+        for k, v in list(st.stats.items()):
+            if k.endswith("_png") and isinstance(v, str) and Path(v).is_file():
+                name = f"{st.name}_{Path(v).name}" if not Path(v).name.startswith(st.name) else Path(v).name
+                shutil.copyfile(v, outdir / name)
+                st.stats[k] = name
 
 
 def measure_fidelity(model_path: Path, reference: onnx.ModelProto, evals, *, opt_level: str = "all") -> dict:

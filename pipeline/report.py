@@ -128,6 +128,17 @@ def render_markdown(r: dict) -> str:
     for s in r["passes"]:
         L.append(f"| {s['name']} | {s['exact']} | {s['seconds']:.2f} | {s['error_vs_previous']:.2e} | "
                  f"{_fmt(s['fidelity_vs_original'].get('top1_agreement'))} | {s['costs']['macs']:,} | {s['nodes']} |")
+    for s in r["passes"]:
+        for k, v in (s.get("stats") or {}).items():
+            if k.endswith("_png") and isinstance(v, str):
+                L += ["", f"![{s['name']} {k[:-4]}]({v})"]
+    kern = (r.get("target_build") or {}).get("kernels") or {}
+    if kern:
+        from collections import Counter
+
+        cnt = Counter(f"{v['claimed']} -> {v['effective']}" for v in kern.values())
+        L += ["", "## Effective layer precision after ORT optimization", "", "| claimed -> runs as | layers |", "|---|---|"]
+        L += [f"| {k} | {n} |" for k, n in sorted(cnt.items())]
     L += ["", "## Recipe (reproduce with `--recipe report.recipe.yaml`)", "", "```yaml", r["recipe"]["yaml"].rstrip(), "```", ""]
     L += ["## Command", "", "```", r["command"], "```", ""]
     return "\n".join(L)

@@ -31,15 +31,27 @@ def session_settings(threads: int, opt_level: str) -> dict:
             "onnxruntime_version": ort.__version__}
 
 
+def make_probe(threads: int = 1, cache_dir: str | None = None):
+    """Measured costs for the quantizer: per-layer latency tables timed in ORT on this CPU (cached)."""
+    from targets.ort_latency import make_probe as _make
+
+    return _make(threads, cache_dir)
+
+
 def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
-    """Write the ORT-optimized graph and the session settings next to model.onnx."""
+    """Write the ORT-optimized graph and the session settings next to model.onnx; check int8 layers run int8 kernels."""
+    from targets.ort_kernels import check_kernels
+
     opt_path = outdir / "model.ort.onnx"
     ort_session(str(outdir / "model.onnx"), threads=ctx.threads[0], level=ctx.opt_level, optimized_path=str(opt_path))
+    kernels = check_kernels(model, None, optimized=onnx.load(str(opt_path)) if ctx.opt_level == "all" else None,
+                            threads=ctx.threads[0])
     settings = {f"threads_{t}": session_settings(t, ctx.opt_level) for t in ctx.threads}
     with atomic_write(outdir / "session.json", "w") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
     return {"artifacts": ["model.onnx", "model.ort.onnx", "session.json"], "settings": settings,
-            "optimized_model": opt_path.name}
+            "optimized_model": opt_path.name,
+            "kernels": {k: {"claimed": v["claimed"], "effective": v["effective"], "kernel": v["kernel"]} for k, v in kernels.items()}}
 
 
 def candidate_session(outdir: Path, ctx: BuildContext, threads: int = 1):
