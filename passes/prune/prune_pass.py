@@ -53,14 +53,14 @@ class PruneOptions:
     ga_bits: int = 4
     finetune_epochs: int = 0
     finetune_lr: float = 1e-3
-    admm: bool = False
     taylor_temperature: float = 0.5
     latency_iters: int = 4
 
     def __post_init__(self):
         budgets = [b for b in (self.target_macs, self.target_params, self.target_latency_ms) if b is not None]
         if len(budgets) != 1:
-            raise ValueError("exactly one of target_macs, target_params, target_latency_ms is required")
+            raise ValueError("exactly one of target_macs, target_params, target_latency_ms is required "
+                             "(set the others to null, e.g. --set prune.target_macs=null)")
         for nm in ("target_macs", "target_params"):
             v = getattr(self, nm)
             if v is not None and not (isinstance(v, (int, float)) and 0.0 < float(v) <= 1.0):
@@ -469,13 +469,24 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
         m_, p_ = cm.costs(keep)
         return m_ / bm, p_ / bp
 
+    def floor_cost(cands):
+        return cost({g.id: alloc.round_keep(0, g.size, opts.round_to, g.align) for g in cands})
+
+    unprotected = False
+    if opts.protect_residual and not budget.ok(floor_cost(prunable)):
+        # the budget cannot be met with residual-coupled groups intact: let them be pruned too
+        prunable = [g for g in groups if g.prunable and g.size >= 2]
+        unprotected = True
     if not prunable:
         raise EdgecError("no prunable channel groups in this model (see the analysis reasons)")
+    if not budget.ok(floor_cost(prunable)):
+        raise EdgecError(f"{budget.kind} budget {budget.target:g} is unreachable: pruning every prunable group to "
+                         f"its minimum leaves {budget.value(floor_cost(prunable)):.3f} of the original")
     t0 = time.perf_counter()
     a = _allocate(model, prunable, groups, groups_by_id, scores, budget, cost, ctx, opts, probe)
     t_alloc = time.perf_counter() - t0
     keep_idx = _select(groups_by_id, scores, a.keep)
-    stats: dict = {"allocation_seconds": round(t_alloc, 2)}
+    stats: dict = {"allocation_seconds": round(t_alloc, 2), "residual_groups_pruned": unprotected}
     src = model
     if opts.recovery in ("fusion", "fusion+lstsq") and keep_idx:
         src = _fuse(model, groups_by_id, keep_idx, acts, stats)
@@ -497,7 +508,8 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
         groups = analyze(model)
         prunable = _candidates(groups, opts)
         ctx.progress(f"prune: {len(prunable)}/{len(groups)} prunable groups; scoring by {opts.criterion}")
-        scores, notes, acts = score_groups(model, prunable, opts.criterion, ctx, opts)
+        scores, notes, acts = score_groups(model, [g for g in groups if g.prunable and g.size >= 2], opts.criterion,
+                                           ctx, opts)
         probe = FidelityProbe(model, ctx, opts.fidelity_samples) if opts.allocation in ("sensitivity", "ga") else None
         lat = {}
         if opts.target_latency_ms is not None:
@@ -508,7 +520,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
                 else alloc.Budget("params", float(opts.target_params))
             pruned, a, keep_idx, rstats, stats, base = _prune_once(model, groups, ctx, opts, budget, scores, notes,
                                                                    acts, probe)
-    if opts.finetune_epochs > 0 or opts.admm:
+    if opts.finetune_epochs > 0:
         from passes.prune import torch_tools
 
         pruned, ft = torch_tools.finetune_onnx(pruned, model, ctx, epochs=opts.finetune_epochs, lr=opts.finetune_lr)

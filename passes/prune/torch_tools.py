@@ -230,7 +230,8 @@ def scaling_factors(model):
 
 
 def admm_sparse_train(model, x: np.ndarray, y: np.ndarray, *, iterations: int = 4, epochs_per_iter: int = 1,
-                      lam: float = 1e-3, rho: float = 1e-2, lr: float = 1e-3, batch: int = 64, seed: int = 0) -> dict:
+                      lam: float = 1e-3, rho: float = 1e-2, lr: float = 1e-3, gamma_lr: float = 2e-2,
+                      batch: int = 64, seed: int = 0) -> dict:
     """Seed-003 ADMM: alternate the three sub-problems; returns the fraction of zero z (pruned channels)."""
     import torch
     import torch.nn.functional as F
@@ -240,7 +241,9 @@ def admm_sparse_train(model, x: np.ndarray, y: np.ndarray, *, iterations: int = 
     gammas = scaling_factors(model)
     z = [g.detach().clone() for g in gammas]
     u = [torch.zeros_like(g) for g in gammas]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gid = {id(g) for g in gammas}
+    rest = [p for p in model.parameters() if id(p) not in gid]
+    opt = torch.optim.Adam([{"params": rest, "lr": lr}, {"params": gammas, "lr": gamma_lr}])
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     history = []
     for it in range(iterations):
@@ -260,7 +263,7 @@ def admm_sparse_train(model, x: np.ndarray, y: np.ndarray, *, iterations: int = 
             for k, g in enumerate(gammas):  # sub-problem 3: dual update
                 u[k] = u[k] + g - z[k]
         zero = float(sum((zi == 0).sum().item() for zi in z) / max(sum(zi.numel() for zi in z), 1))
-        history.append({"iteration": it, "zero_fraction": round(zero, 4), "loss": round(float(loss), 4)})
+        history.append({"iteration": it, "zero_fraction": round(zero, 4), "loss": round(float(loss.detach()), 4)})
     with torch.no_grad():  # project: channels whose z is 0 get gamma = 0 (and beta unchanged)
         for g, zi in zip(gammas, z):
             g.mul_((zi != 0).to(g.dtype))

@@ -1,0 +1,315 @@
+"""bench-prune (issue 3, "Done when" items 4 and 5): channel removal on EfficientNet-Lite0, one table, one run.
+
+Rows: every criterion x allocation method, without and with least-squares recovery, and Torch-Pruning 1.6 L1 group
+pruning (MagnitudePruner, GroupMagnitudeImportance(p=1), round_to=8, classifier ignored, ratio bisected to the same
+MACs target), at 0.9 / 0.8 / 0.7 x MACs. No training data is used anywhere (recovery only).
+Columns: achieved MACs ratio, top-1 / top-5 agreement and mean logit cosine vs FP32 on the held-out split (photographs
+disjoint from calibration), and latency speedup = median(FP32) / median(pruned), timed interleaved in this process at
+1 thread (ORT_ENABLE_ALL, >= 20 warm-ups, >= 200 runs).
+Speed check (item 4): EfficientNet-Lite0 and ResNet-50 at 0.5 x MACs (round_to=8), speedup at 1 thread.
+
+Usage: python bench/bench_prune.py [--quick] [--targets 0.9,0.8,0.7] [--criteria ...] [--allocations ...]
+                                   [--calib 64] [--eval 128] [--runs 200] [--no-speed] [--out out/bench_prune]
+Writes out/bench_prune/{report.json, report.md}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("bench_prune")
+
+
+def _cleanup(m):
+    from passes.base import PassContext, get_pass, make_options
+
+    spec = get_pass("cleanup")
+    return spec.fn(m, PassContext(calib_batches=lambda: iter([])), make_options(spec, {})).model
+
+
+def _export(module, shape):
+    from pipeline.export import export_torch
+
+    m, _ = export_torch(module, shape)
+    return _cleanup(m)
+
+
+def _fidelity(model, ref_out, feeds):
+    from pipeline.onnx_io import ort_session
+
+    s = ort_session(model, optimize=True)
+    top1 = top5 = 0
+    cos = 0.0
+    for f, r in zip(feeds, ref_out):
+        y = s.run(None, f)[0].ravel().astype(np.float64)
+        top1 += int(y.argmax() == r.argmax())
+        top5 += int(r.argmax() in np.argsort(-y)[:5])
+        cos += float(y @ r / (np.linalg.norm(y) * np.linalg.norm(r) + 1e-30))
+    n = max(len(feeds), 1)
+    return {"top1": top1 / n, "top5": top5 / n, "cosine": cos / n}
+
+
+def _latency(base, model, feed, runs):
+    from targets.bench import latency_interleaved
+
+    res = latency_interleaved({"fp32": base, "pruned": model}, feed, threads=1, warmup=20, runs=runs)
+    return {"speedup": res["pruned"]["speedup_vs_fp32"], "fp32_ms": res["fp32"]["median_ms"],
+            "pruned_ms": res["pruned"]["median_ms"]}
+
+
+def _macs(m):
+    from passes.prune.graph import CostModel
+
+    return CostModel(m).base_macs
+
+
+# ----------------------------------------------------------------------------- Torch-Pruning peer
+def torch_pruning_l1(module_fn, shape, target, round_to=8):
+    """Bisect Torch-Pruning's global ratio so that MACs <= target x original; returns the pruned nn.Module."""
+    import torch
+    import torch_pruning as tp
+
+    ex = torch.randn(*shape)
+    base = module_fn()
+    m0, _ = tp.utils.count_ops_and_params(base, ex)
+
+    def make(ratio):
+        m = copy.deepcopy(base)
+        last = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
+        pr = tp.pruner.MagnitudePruner(m, ex, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=last, round_to=round_to)
+        pr.step()
+        macs, _ = tp.utils.count_ops_and_params(m, ex)
+        return m, macs / m0
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):
+        mid = 0.5 * (lo + hi)
+        m, r = make(mid)
+        if r <= target:
+            best, hi = (m, r), mid
+        else:
+            lo = mid
+        if best is not None and target - best[1] < 0.01:
+            break
+    if best is None:
+        best = make(hi)
+    return best[0].eval(), best[1]
+
+
+def run(args):
+    from calib.data import InputInfo, load_splits
+    from passes.base import PassContext
+    from passes.prune import prune_pass as P
+    from passes.prune.apply import remove_channels
+    from passes.prune.graph import CostModel, analyze
+    from pipeline.onnx_io import ort_session
+    from pipeline.sources import efficientnet_lite0, resolve
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    src = resolve("efficientnet_lite0")
+    base = _export(src.module, src.input_shape)
+    calib, ev = load_splits(None, [InputInfo("input", src.input_shape)], src.preprocess, n_calib=args.calib,
+                            n_eval=args.eval)
+    ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), seed=0, progress=lambda s: log.info(s))
+    feeds = list(ev.iter_feeds())
+    ref_sess = ort_session(base, optimize=True)
+    ref_out = [ref_sess.run(None, f)[0].ravel().astype(np.float64) for f in feeds]
+    lat_feed = feeds[0]
+    model, _ = P.fold_small_constants(base)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+        (out / "report.json").write_text(json.dumps({"rows": rows}, indent=1))
+
+    print(_header(), flush=True)
+    with P._memo_analysis():
+        groups = analyze(model)
+        gbid = {g.id: g for g in groups}
+        cm = CostModel(model, groups)
+        bm, bp = cm.base_macs, cm.base_params
+
+        def cost(keep):
+            a, b = cm.costs(keep)
+            return a / bm, b / bp
+
+        for crit in args.criteria:
+            opts0 = P.PruneOptions(target_macs=0.8, criterion=crit, allocation="uniform", recovery="lstsq",
+                                   calib_samples=args.calib, score_samples=min(32, args.calib))
+            t0 = time.time()
+            try:
+                scores, notes, acts = P.score_groups(model, [g for g in groups if g.prunable and g.size >= 2], crit,
+                                                     ctx, opts0)
+            except Exception as e:  # e.g. onnx2torch missing for taylor
+                for alloc in args.allocations:
+                    for tgt in args.targets:
+                        emit({"method": f"edgec {crit}/{alloc}", "target": tgt, "error": f"{type(e).__name__}: {e}"})
+                continue
+            t_score = time.time() - t0
+            for alloc in args.allocations:
+                for tgt in args.targets:
+                    opts = P.PruneOptions(target_macs=tgt, criterion=crit, allocation=alloc, recovery="lstsq",
+                                          calib_samples=args.calib, score_samples=min(32, args.calib),
+                                          ga_population=args.ga_population, ga_generations=args.ga_generations)
+                    t1 = time.time()
+                    try:
+                        cands = P._candidates(groups, opts)
+                        from passes.prune import allocate as A
+
+                        budget = A.Budget("macs", tgt)
+                        floor = cost({g.id: A.round_keep(0, g.size, opts.round_to, g.align) for g in cands})
+                        if not budget.ok(floor):
+                            cands = [g for g in groups if g.prunable and g.size >= 2]
+                        probe = P.FidelityProbe(model, ctx, opts.fidelity_samples) if alloc in ("sensitivity", "ga") else None
+                        a = P._allocate(model, cands, groups, gbid, scores, budget, cost, ctx, opts, probe)
+                        keep_idx = P._select(gbid, scores, a.keep)
+                        pruned, _ = remove_channels(model, keep_idx, groups)
+                        t_alloc = time.time() - t1
+                        f0 = _fidelity(pruned, ref_out, feeds)
+                        lat = _latency(base, pruned, lat_feed, args.runs)
+                        macs = _macs(pruned) / bm
+                        emit({"method": f"edgec {crit}/{alloc}", "recovery": "none", "target": tgt, "macs": macs,
+                              **f0, **lat, "seconds": round(t_score + t_alloc, 1)})
+                        t2 = time.time()
+                        st: dict = {}
+                        rec = P._recover(pruned, model, groups, gbid, keep_idx, acts, ctx, opts, st)
+                        f1 = _fidelity(rec, ref_out, feeds)
+                        emit({"method": f"edgec {crit}/{alloc}", "recovery": "lstsq", "target": tgt, "macs": macs,
+                              **f1, **lat, "seconds": round(t_score + t_alloc + time.time() - t2, 1)})
+                    except Exception as e:
+                        log.exception("edgec %s/%s at %s failed", crit, alloc, tgt)
+                        emit({"method": f"edgec {crit}/{alloc}", "target": tgt, "error": f"{type(e).__name__}: {e}"})
+
+    # the peer
+    for tgt in args.targets:
+        try:
+            t0 = time.time()
+            mod, r = torch_pruning_l1(efficientnet_lite0, src.input_shape, tgt)
+            pm = _export(mod, src.input_shape)
+            f = _fidelity(pm, ref_out, feeds)
+            lat = _latency(base, pm, lat_feed, args.runs)
+            emit({"method": "torch-pruning L1", "recovery": "none", "target": tgt, "macs": _macs(pm) / bm, **f, **lat,
+                  "seconds": round(time.time() - t0, 1)})
+        except Exception as e:
+            log.exception("torch-pruning at %s failed", tgt)
+            emit({"method": "torch-pruning L1", "target": tgt, "error": f"{type(e).__name__}: {e}"})
+
+    speed = speed_check(args) if args.speed else {}
+    summary = _summary(rows, args.targets)
+    report = {"rows": rows, "best_vs_peer": summary, "speed_0.5x": speed, "seconds": round(time.time() - t_start, 1),
+              "calib": args.calib, "eval": args.eval, "runs": args.runs}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    md = [_header()] + [_fmt_row(r) for r in rows] + ["", "best edgec vs Torch-Pruning L1 (top-1 agreement):"]
+    for tgt, s in summary.items():
+        md.append(f"  {tgt}: edgec {s['edgec_top1']:.3f} ({s['edgec_method']}) vs peer {s['peer_top1']:.3f} -> "
+                  f"{'BEATS' if s['beats'] else 'does not beat'}")
+    for k, v in speed.items():
+        md.append(f"speed 0.5x MACs {k}: macs {v.get('macs', float('nan')):.3f}  speedup {v.get('speedup', float('nan')):.2f}x "
+                  f"({v.get('fp32_ms', float('nan')):.2f} -> {v.get('pruned_ms', float('nan')):.2f} ms)  {v.get('error', '')}")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md[len(rows) + 1:]), flush=True)
+    return report
+
+
+def _summary(rows, targets):
+    out = {}
+    for tgt in targets:
+        ours = [r for r in rows if r.get("target") == tgt and r["method"].startswith("edgec") and "top1" in r]
+        peer = [r for r in rows if r.get("target") == tgt and r["method"].startswith("torch") and "top1" in r]
+        if not ours:
+            continue
+        b = max(ours, key=lambda r: (r["top1"], r["cosine"]))
+        p = peer[0] if peer else {"top1": float("nan"), "cosine": float("nan")}
+        out[str(tgt)] = {"edgec_top1": b["top1"], "edgec_cosine": b["cosine"],
+                         "edgec_method": f"{b['method']}+{b['recovery']}", "peer_top1": p["top1"],
+                         "peer_cosine": p["cosine"], "beats": bool(peer) and b["top1"] > p["top1"]}
+    return out
+
+
+def speed_check(args):
+    """EfficientNet-Lite0 and ResNet-50 at 0.5 x MACs, criterion l1, uniform, round_to 8; 1-thread speedup."""
+    import torchvision
+
+    from calib.data import InputInfo, load_splits
+    from passes.base import PassContext, get_pass, make_options
+    from pipeline.sources import efficientnet_lite0
+
+    res = {}
+    for name, fn in (("efficientnet_lite0", efficientnet_lite0),
+                     ("resnet50", lambda: torchvision.models.resnet50(weights=None).eval())):
+        try:
+            base = _export(fn(), (1, 3, 224, 224))
+            calib, _ = load_splits(None, [InputInfo("input", (1, 3, 224, 224))],
+                                   __import__("calib.data", fromlist=["Preprocess"]).Preprocess(), n_calib=8, n_eval=1)
+            ctx = PassContext(calib_batches=lambda: calib.iter_feeds())
+            spec = get_pass("prune")
+            r = spec.fn(base, ctx, make_options(spec, {"target_macs": 0.5, "criterion": "l1", "allocation": "uniform",
+                                                       "recovery": "none", "round_to": 8}))
+            feed = next(calib.iter_feeds())
+            lat = _latency(base, r.model, feed, args.runs)
+            res[name] = {"macs": r.stats["macs_ratio"], **lat, "meets_1.6x": lat["speedup"] >= 1.6}
+        except Exception as e:
+            log.exception("speed check %s failed", name)
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"speed {name}: {res[name]}", flush=True)
+    return res
+
+
+def _header():
+    return (f"{'method':34s} {'recovery':8s} {'target':>6s} {'macs':>6s} {'top1':>6s} {'top5':>6s} {'cosine':>7s} "
+            f"{'speedup':>7s} {'sec':>6s}")
+
+
+def _fmt_row(r):
+    if "error" in r:
+        return f"{r['method']:34s} {'-':8s} {r['target']:6.2f} ERROR {r['error'][:80]}"
+    return (f"{r['method']:34s} {r['recovery']:8s} {r['target']:6.2f} {r['macs']:6.3f} {r['top1']:6.3f} {r['top5']:6.3f} "
+            f"{r['cosine']:7.4f} {r['speedup']:7.2f} {r['seconds']:6.1f}")
+
+
+def main(argv=None):
+    from passes.prune.allocate import ALLOCATIONS
+    from passes.prune.criteria import CRITERIA
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 criteria x 2 allocations at 0.8 x MACs, 100-sample eval")
+    ap.add_argument("--targets", default="0.9,0.8,0.7")
+    ap.add_argument("--criteria", default=",".join(CRITERIA))
+    ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--eval", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--ga-population", type=int, default=8)
+    ap.add_argument("--ga-generations", type=int, default=4)
+    ap.add_argument("--no-speed", dest="speed", action="store_false")
+    ap.add_argument("--out", default="out/bench_prune")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.targets, args.criteria, args.allocations = "0.8", "l1,actnorm,recon", "uniform,sensitivity"
+        args.eval = min(args.eval, 100)
+    args.targets = [float(t) for t in str(args.targets).split(",")]
+    args.criteria = [c for c in str(args.criteria).split(",") if c]
+    args.allocations = [a for a in str(args.allocations).split(",") if a]
+    bad = [c for c in args.criteria if c not in CRITERIA] + [a for a in args.allocations if a not in ALLOCATIONS]
+    if bad:
+        ap.error(f"unknown criteria/allocations: {bad}")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
