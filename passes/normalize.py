@@ -2,7 +2,8 @@
 
 Rules, in order (each is exact; the runner checks outputs within 1e-4):
   1. initializers listed as graph inputs (old exporters, keep_initializers_as_inputs) are constants, not inputs;
-  2. default-domain opset < target_opset (17): onnx.version_converter up to the target. This also rewrites the
+  2. default-domain opset < target_opset (17): onnx.version_converter up to the target (and an opset newer than
+     the installed onnxruntime implements -- `ort_max_opset()` -- down to that one). This also rewrites the
      attribute forms that later opsets take as inputs -- Split(split) -> Split(x, split), Squeeze/Unsqueeze(axes)
      -> inputs, ReduceSum(axes) -> input, Clip(min, max attrs) -> inputs, Pad(pads attr) -> input,
      Upsample -> Resize, Slice attrs -> inputs. If conversion fails or yields an invalid model, the model is kept
@@ -17,6 +18,7 @@ Rules, in order (each is exact; the runner checks outputs within 1e-4):
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -64,10 +66,40 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> int:
     return n
 
 
-def convert_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, str]:
-    """(model at >= target opset, how). On failure returns the input model and the reason."""
+@functools.lru_cache(maxsize=1)
+def ort_max_opset() -> int:
+    """The newest default-domain opset at which this onnxruntime implements the ops passes insert
+    (Cast, Reshape, QuantizeLinear, DequantizeLinear): probed once with a tiny model per opset, newest first."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    for v in range(onnx.defs.onnx_opset_version(), 12, -1):
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                 helper.make_node("Cast", ["d"], ["c"], to=onnx.TensorProto.FLOAT),
+                 helper.make_node("Reshape", ["c", "shape"], ["y"])]
+        g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])],
+                              [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z"),
+                               numpy_helper.from_array(np.array([2, 2], np.int64), "shape")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", v)])
+        m.ir_version = 8
+        try:
+            ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+            return v
+        except Exception:
+            continue
+    return 13
+
+
+def convert_opset(model: onnx.ModelProto, target: int, ceiling: int | None = None) -> tuple[onnx.ModelProto, str]:
+    """(model at >= target opset and <= ceiling, how). On failure returns the input model and the reason."""
     cur = default_opset(model)
-    if cur >= target:
+    if ceiling is not None and cur > ceiling:
+        target = ceiling  # newer than onnxruntime here runs: down-convert so inserted Q/DQ/Cast nodes have kernels
+    elif cur >= target:
         return model, f"kept opset {cur}"
     from onnx import version_converter
 
@@ -202,7 +234,7 @@ def normalize(model: onnx.ModelProto, ctx: PassContext, opts: NormalizeOptions) 
     m.CopyFrom(model)
     stats: dict = {"opset_before": default_opset(m)}
     stats["initializer_inputs_removed"] = drop_initializer_inputs(m)
-    m, stats["opset"] = convert_opset(m, opts.target_opset)
+    m, stats["opset"] = convert_opset(m, opts.target_opset, ceiling=ort_max_opset())
     stats["opset_after"] = default_opset(m)
     if opts.lift_constants:
         stats["constants_lifted"], stats["constants_kept"] = lift_constants(m)
