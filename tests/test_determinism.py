@@ -38,8 +38,8 @@ def models(tmp_path_factory):
     return {"paddle": rw.write_paddle(d, 11, init_as_inputs=True), "yolo": rw.write_ultralytics(d)}
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("name", ["paddle", "yolo"])
+@pytest.mark.parametrize("name,recipe", [(n, r) for n in ("paddle", "yolo") for r in RECIPES
+                                         if (n, r) != ("paddle", "quant")])  # paddle+quant: tests/test_realworld.py
 def test_compile_twice_byte_identical(name, recipe, models, tmp_path, capsys):
     rec = models[name]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -55,7 +55,7 @@ def test_compile_twice_byte_identical(name, recipe, models, tmp_path, capsys):
 
 def test_compile_in_another_process_with_another_hash_seed(models, tmp_path, capsys):
     rec = models["paddle"]
-    recipe = RECIPES[-1]
+    recipe = "[normalize, cleanup]"
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(_args(rec, recipe, a)) == 0, capsys.readouterr().err
     r = subprocess.run([sys.executable, "-m", "pipeline", *_args(rec, recipe, b)], capture_output=True, text=True,
