@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -112,4 +113,20 @@ def test_cli_max_memory_one_line(tmp_path, capsys):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, err
     assert lines[0].startswith("edgec: error: --max-memory 20 MiB is below what edgec already uses"), err
+    assert not out.exists()
+
+
+def test_cli_max_memory_refuses_absurd_input_shape_before_running(tmp_path, capsys):
+    from pipeline.cli import main
+    from tests import realworld_models as rw
+
+    rec = rw.write_ultralytics(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["compile", "--model", str(rec.path), "--input-shape", "images:8x3x2048x2048", "--recipe", "cleanup",
+               "--no-bench", "--max-memory", "2G", "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert re.match(r"edgec: error: running the model needs at least [0-9.]+ GiB for activations at this input shape, "
+                    r"more than --max-memory 2.00 GiB", lines[0]), err
     assert not out.exists()
