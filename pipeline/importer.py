@@ -95,6 +95,7 @@ def load_onnx_bytes(data: bytes, *, name: str = "model.onnx", base_dir: str | os
     except Exception as e:  # google.protobuf.message.DecodeError and friends
         raise EdgecError(f"{name} is not a valid ONNX protobuf (corrupt or truncated): {_first_line(e)}") from None
     validate_model(model, name)
+    drop_unused_inputs(model, name)
     ext = plan_external_data(model, name, base_dir)
     total = len(data) + sum(r[3] for r in ext)
     if max_bytes is not None and total > max_bytes:
@@ -109,6 +110,26 @@ def load_onnx_bytes(data: bytes, *, name: str = "model.onnx", base_dir: str | os
     if total > LARGE_MODEL_BYTES:
         log.info("%s holds %.2f GiB of weights: it is kept as external data when written", name, total / 2**30)
     return model
+
+
+def drop_unused_inputs(model: onnx.ModelProto, name: str = "model") -> list[str]:
+    """Graph inputs no node reads (exporters leave them behind) are removed, as cleanup would remove them later;
+    keeping them would make every verification run feed a name the optimized graph no longer has."""
+    g = model.graph
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for n in g.node:
+        for a in n.attribute:
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                read |= _subgraph_free_names(sg)
+    inits = {t.name for t in g.initializer}
+    unused = [i.name for i in g.input if i.name not in read and i.name not in inits]
+    if unused and len(unused) < len([i for i in g.input if i.name not in inits]):
+        keep = [i for i in g.input if i.name not in unused]
+        del g.input[:]
+        g.input.extend(keep)
+        log.warning("%s: input(s) %s are not used by the graph; dropped", name, ", ".join(unused))
+        return unused
+    return []
 
 
 def _without_external(model: onnx.ModelProto) -> onnx.ModelProto:

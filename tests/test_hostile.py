@@ -558,3 +558,17 @@ def test_nan_inf_in_pth_weights_found_before_export(tmp_path, capsys, bad):
     out = tmp_path / "out"
     _refused(["compile", "--model", "torchvision:resnet18", "--weights", str(w), "--out", str(out), *FAST], capsys, out,
              rf"resnet18: weight 'layer1.0.conv1.weight' contains {int(bad == 'nan')} NaN and {int(bad == 'inf')} Inf value")
+
+
+def test_unused_graph_input_is_dropped_and_compiles(tmp_path, capsys):
+    """Exporters leave unused inputs behind; cleanup would drop them anyway, so import drops them (with a warning)
+    instead of every verification run feeding a name the optimized graph no longer has."""
+    m = _conv_model()
+    m.graph.input.append(helper.make_tensor_value_info("leftover_mask", T.FLOAT, [1, 8]))
+    p = _save(m, tmp_path / "m" / "unused.onnx")
+    assert [i.name for i in load_onnx_file(p).graph.input] == ["x"]
+    out = tmp_path / "out"
+    assert main(_compile(p, out)) == 0
+    err = capsys.readouterr().err
+    assert "input(s) leftover_mask are not used by the graph; dropped" in err
+    assert [i.name for i in onnx.load(str(out / "model.onnx")).graph.input] == ["x"]
