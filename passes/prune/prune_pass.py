@@ -41,13 +41,14 @@ class PruneOptions:
     calib_samples: int = 64
     score_samples: int = 32
     fidelity_samples: int = 8
-    ridge: float = 1e-2
+    ridge: float = 0.3
     max_positions: int = 256
     residual_target: bool = True
     protect_residual: bool = True
     refit_scope: str = "consumers"
     min_keep_ratio: float = 0.0
-    sensitivity_ratios: tuple = (0.25, 0.5, 0.75)
+    sensitivity_ratios: tuple = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+    sensitivity_refit: bool = False
     ga_population: int = 12
     ga_generations: int = 8
     ga_bits: int = 4
@@ -342,6 +343,16 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
                     cur[r] = 0.0
                     continue
                 m, _ = _apply(model, groups, groups_by_id, scores, {g.id: kk})
+                if opts.sensitivity_refit and opts.recovery in ("lstsq", "fusion+lstsq"):
+                    # recovery-aware: the loss after refitting this group's consumers alone
+                    from passes.prune import graph as G
+                    from passes.prune import recover as R
+
+                    m, _ = R.lstsq_refit(m, model, [L["node"] for L in G.consumer_layers(model, g)],
+                                         ctx.calib_batches, samples=max(8, opts.calib_samples // 2),
+                                         ridge=opts.ridge, max_positions=opts.max_positions,
+                                         residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
+                                         min_rows_factor=1.0)
                 cur[r] = 1.0 - probe(m)
             curves[g.id] = cur
             ctx.progress(f"sensitivity {k + 1}/{len(prunable)} group {g.id}: {cur}")

@@ -263,7 +263,7 @@ def admm_sparse_train(model, x: np.ndarray, y: np.ndarray, *, iterations: int = 
             for k, g in enumerate(gammas):  # sub-problem 3: dual update
                 u[k] = u[k] + g - z[k]
         zero = float(sum((zi == 0).sum().item() for zi in z) / max(sum(zi.numel() for zi in z), 1))
-        history.append({"iteration": it, "zero_fraction": round(zero, 4), "loss": round(float(loss.detach()), 4)})
+        history.append({"iteration": it, "zero_fraction": zero, "loss": round(float(loss.detach()), 4)})
     with torch.no_grad():  # project: channels whose z is 0 get gamma = 0 (and beta unchanged)
         for g, zi in zip(gammas, z):
             g.mul_((zi != 0).to(g.dtype))
