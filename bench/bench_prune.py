@@ -160,6 +160,7 @@ def run(args):
                         emit({"method": f"edgec {crit}/{alloc}", "target": tgt, "error": f"{type(e).__name__}: {e}"})
                 continue
             t_score = time.time() - t0
+            sens_cache: dict = {}
             for alloc in args.allocations:
                 for tgt in args.targets:
                     opts = P.PruneOptions(target_macs=tgt, criterion=crit, allocation=alloc, recovery="lstsq",
@@ -175,7 +176,8 @@ def run(args):
                         if not budget.ok(floor):
                             cands = [g for g in groups if g.prunable and g.size >= 2]
                         probe = P.FidelityProbe(model, ctx, opts.fidelity_samples) if alloc in ("sensitivity", "ga") else None
-                        a = P._allocate(model, cands, groups, gbid, scores, budget, cost, ctx, opts, probe)
+                        a = P._allocate(model, cands, groups, gbid, scores, budget, cost, ctx, opts, probe,
+                                       cache=sens_cache)
                         keep_idx = P._select(gbid, scores, a.keep)
                         pruned, _ = remove_channels(model, keep_idx, groups)
                         t_alloc = time.time() - t1

@@ -228,3 +228,17 @@ def test_latency_budget_uses_probe():
                                               "criterion": "l1"}))
     assert 10.0 * count_costs(res.model).macs / base <= 6.0
     assert res.stats["latency_search"]["steps"]
+
+
+def test_prune_recipe_runs_with_overrides():
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_recipe
+    from prune_models import residual
+
+    r = load_recipe("prune", ["prune.target_macs=null", "prune.target_params=0.7", "prune.criterion=l2",
+                              "prune.allocation=global", "prune.round_to=1", "prune.recovery=fusion+lstsq"])
+    assert [s.name for s in r.steps] == ["cleanup", "prune"]
+    res = run_recipe(residual(), r, _ctx())
+    st = res.stages[-1]
+    assert st.name == "prune" and st.stats["params_ratio"] <= 0.7 + 1e-6
+    assert st.stats["criterion"] == "l2" and st.stats["recovery"] == "fusion+lstsq"

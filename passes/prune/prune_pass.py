@@ -157,6 +157,7 @@ def fold_small_constants(model: onnx.ModelProto, max_elems: int = 1 << 16) -> tu
 @contextlib.contextmanager
 def _memo_analysis():
     """Memoise the dependency analysis by model identity while one pass runs (graph.py re-analyses per call)."""
+    import passes.prune.apply as AP
     import passes.prune.graph as G
 
     orig = G._analysis
@@ -169,10 +170,12 @@ def _memo_analysis():
         return cache[key][1]
 
     G._analysis = cached
+    AP._analysis = cached
     try:
         yield
     finally:
         G._analysis = orig
+        AP._analysis = orig
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -301,7 +304,9 @@ def _apply(model, groups, groups_by_id, scores, keep_counts):
     return remove_channels(model, idx, groups)
 
 
-def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budget, cost, ctx, opts, probe):
+def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budget, cost, ctx, opts, probe,
+              cache: dict | None = None):
+    """Keep counts per group. `cache` (optional, per model and scores) reuses sensitivity curves across budgets."""
     sizes = {g.id: g.size for g in prunable}
     aligns = {g.id: g.align for g in prunable}
     r2 = opts.round_to
@@ -335,7 +340,12 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
         a = alloc.adaptive(elems, cost_f, budget, r2, aligns)
     elif opts.allocation == "sensitivity":
         curves = {}
+        cache = cache if cache is not None else {}
         for k, g in enumerate(prunable):
+            key = ("sensitivity", g.id, opts.sensitivity_ratios, opts.sensitivity_refit, opts.round_to)
+            if key in cache:
+                curves[g.id] = cache[key]
+                continue
             cur = {}
             for r in opts.sensitivity_ratios:
                 kk = alloc.round_keep(r * g.size, g.size, r2, g.align)
@@ -355,6 +365,7 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
                                          min_rows_factor=1.0)
                 cur[r] = 1.0 - probe(m)
             curves[g.id] = cur
+            cache[key] = cur
             ctx.progress(f"sensitivity {k + 1}/{len(prunable)} group {g.id}: {cur}")
         a = alloc.sensitivity(curves, sizes, cost_f, budget, r2, aligns)
     else:  # ga
