@@ -582,33 +582,28 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
 
 
 def _latency_search(model, groups, ctx, opts, scores, notes, acts, probe, lat):
-    """Secant search on the MACs fraction f until latency_probe(pruned) <= target_latency_ms."""
+    """Find the largest MACs fraction f with latency_probe(prune(f)) <= target_latency_ms: a proportional first
+    guess f = target / base, then bisection between the best feasible and the smallest infeasible f."""
     if ctx.latency_probe is None:
         raise EdgecError("target_latency_ms needs a latency probe from the target (none given)")
     target = float(opts.target_latency_ms)
     base_ms = float(ctx.latency_probe(model))
     lat.update({"base_ms": round(base_ms, 3), "target_ms": target, "steps": []})
-    if base_ms <= target:
-        f = 1.0
-    else:
-        f = max(min(target / base_ms, 1.0), 0.05)
+    lo, hi = 0.0, 1.0
+    f = min(1.0, max(target / base_ms, 0.05))
     best = None
-    lo, hi = 0.02, 1.0
     for _ in range(opts.latency_iters):
         res = _prune_once(model, groups, ctx, opts, alloc.Budget("macs", f), scores, notes, acts, probe)
         ms = float(ctx.latency_probe(res[0]))
         lat["steps"].append({"macs_fraction": round(f, 4), "ms": round(ms, 3)})
         if ms <= target:
-            best = res
-            lo = f
+            best, lo = res, f
+            if ms >= 0.97 * target or f >= 1.0:
+                break
         else:
             hi = f
-        if best is not None and ms >= 0.97 * target:
-            break
-        f = 0.5 * (lo + hi) if best is not None or ms > target else f
-        if best is None and ms > target:
-            f = max(f * target / ms, lo)
-            hi = min(hi, f / max(target / ms, 1e-3))
+        f = 0.5 * (lo + hi) if best is not None else max(0.02, min(0.5 * (lo + hi), f * target / ms))
     if best is None:
-        raise EdgecError(f"could not reach {target} ms (best {min(s['ms'] for s in lat['steps']):.3f} ms)")
+        raise EdgecError(f"could not reach {target} ms in {opts.latency_iters} steps "
+                         f"(best {min(s['ms'] for s in lat['steps']):.3f} ms; base {base_ms:.3f} ms)")
     return best
