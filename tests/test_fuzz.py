@@ -28,7 +28,7 @@ from pipeline.runner import verify
 from tests import realworld_models as rw
 from tests.test_hostile import OpenLog
 
-N_MUTATIONS = 600
+N_MUTATIONS = 1500
 TIME_BUDGET_S = 120.0
 PER_CASE_S = 15
 
