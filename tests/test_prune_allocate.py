@@ -105,3 +105,15 @@ def test_budget_validation():
         A.Budget("latency", 0.5)
     with pytest.raises(ValueError):
         A.Budget("macs", 0.0)
+
+
+def test_top_up_spends_leftover_budget():
+    keep = {g: 8 for g in SIZES}
+    b = A.Budget("macs", 0.5)
+    k2, c, added = A.top_up(keep, SIZES, cost, b, 8, None, gain=lambda g, k, k2: 10.0 if g == 2 else 1.0)
+    assert c[0] <= 0.5 + 1e-9 and added > 0
+    assert k2[2] == SIZES[2]  # the group with the largest gain per cost is filled first
+    # nothing left to add: one more unit anywhere would break the budget
+    for g in SIZES:
+        if k2[g] < SIZES[g]:
+            assert not b.ok(cost({**k2, g: k2[g] + 8}))

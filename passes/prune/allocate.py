@@ -210,8 +210,52 @@ def sensitivity(curves: dict[int, dict[float, float]], sizes: dict[int, int], co
         return keep
 
     keep, c, a = _bisect(make, cost, budget, 1e-9, 1.0, iters=60)
-    return Allocation(keep, c, {"mu": round(1.0 / max(a, 1e-12) - 1.0, 6),
+
+    def loss_at(g, k):
+        cur = curves[g]
+        xs = sorted(set(cur) | {1.0})
+        ys = [0.0 if x >= 1.0 else max(float(cur[x]), 0.0) for x in xs]
+        return float(np.interp(k / sizes[g], xs, ys))
+
+    keep, c, added = top_up(keep, sizes, cost, budget, round_to, aligns,
+                            gain=lambda g, k, k2: loss_at(g, k) - loss_at(g, k2))
+    return Allocation(keep, c, {"mu": round(1.0 / max(a, 1e-12) - 1.0, 6), "topped_up_channels": added,
                                 "curves": {str(g): {str(r): round(v, 5) for r, v in cur.items()} for g, cur in curves.items()}})
+
+
+def top_up(keep: dict[int, int], sizes: dict[int, int], cost: CostFn, budget: Budget, round_to: int,
+           aligns: dict[int, int] | None, gain: Callable[[int, int, int], float]):
+    """Spend leftover budget: repeatedly give one rounding unit back to the group with the largest gain(g, k, k+u)
+    per unit of budget, while the budget holds. Returns (keep, cost, channels added)."""
+    aligns = aligns or {}
+    keep = dict(keep)
+    c = cost(keep)
+    added = 0
+    base = budget.value(c)
+    for _ in range(10000):
+        best = None
+        for g, k in keep.items():
+            u = unit(sizes[g], round_to, aligns.get(g, 1))
+            k2 = min(k + u, sizes[g])
+            if k2 <= k:
+                continue
+            trial = dict(keep)
+            trial[g] = k2
+            c2 = cost(trial)
+            if not budget.ok(c2):
+                continue
+            d = max(budget.value(c2) - base, 1e-12)
+            score = gain(g, k, k2) / d
+            if best is None or score > best[0]:
+                best = (score, g, k2, c2)
+        if best is None:
+            break
+        _, g, k2, c2 = best
+        added += k2 - keep[g]
+        keep[g] = k2
+        c = c2
+        base = budget.value(c2)
+    return keep, c, added
 
 
 # ----------------------------------------------------------------------------- genetic algorithm (seed 003)
