@@ -67,17 +67,20 @@ def test_digits_admm_l0_then_prune_by_scaling_factors(data):
     a_dense = accuracy(net, xte, yte)
     g0 = torch.cat([g.detach().abs().flatten() for g in scaling_factors(net)]).numpy()
     rho = 0.5
-    lam = rho / 2 * float(np.percentile(g0, 25)) ** 2  # hard threshold |gamma + u| <= sqrt(2 lam / rho) at the 25th pct
-    st = admm_sparse_train(net, xtr, ytr, iterations=3, epochs_per_iter=1, lam=lam, rho=rho, seed=1)
+    lam = rho / 2 * float(np.percentile(g0, 20)) ** 2  # hard threshold |gamma + u| <= sqrt(2 lam / rho) at the 20th pct
+    st = admm_sparse_train(net, xtr, ytr, iterations=3, epochs_per_iter=1, lam=lam, rho=rho, gamma_lr=1e-2,
+                           polish_epochs=3, seed=1)
     zf = st["zero_fraction"]
     assert 0.1 <= zf <= 0.8, st["history"]
     gam = torch.cat([g.detach().flatten() for g in scaling_factors(net)])
     assert float((gam == 0).float().mean()) == pytest.approx(zf, abs=1e-6)  # z = 0 channels projected to gamma = 0
+    a_sparse = accuracy(net, xte, yte)
+    assert a_sparse >= 0.9
     # prune by the learned factors (BN folded into the convs: gamma = 0 -> zero rows -> lowest score), short KD
     m = _onnx(net)
-    res = _prune(m, net, xtr, ytr, target_params=0.5, criterion="bn_scale", allocation="global", round_to=1,
-                 recovery="lstsq", finetune_epochs=3, finetune_lr=3e-3)
+    res = _prune(m, net, xtr, ytr, target_params=0.8, criterion="bn_scale", allocation="global", round_to=1,
+                 recovery="lstsq")
     a1 = accuracy(res.model, xte, yte)
-    print(f"digits admm: zero fraction {zf:.3f}, dense acc {a_dense:.4f} -> pruned+ft {a1:.4f}")
-    assert count_costs(res.model).params <= 0.5 * count_costs(m).params
-    assert a1 >= a_dense - 0.03
+    print(f"digits admm: zero fraction {zf:.3f}, acc dense {a_dense:.4f}, ADMM {a_sparse:.4f}, pruned {a1:.4f}")
+    assert count_costs(res.model).params <= 0.8 * count_costs(m).params
+    assert a1 >= a_sparse - 0.01  # channels the ADMM zeroed carry (almost) nothing: removal needs no retraining

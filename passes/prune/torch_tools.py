@@ -231,8 +231,9 @@ def scaling_factors(model):
 
 def admm_sparse_train(model, x: np.ndarray, y: np.ndarray, *, iterations: int = 4, epochs_per_iter: int = 1,
                       lam: float = 1e-3, rho: float = 1e-2, lr: float = 1e-3, gamma_lr: float = 2e-2,
-                      batch: int = 64, seed: int = 0) -> dict:
-    """Seed-003 ADMM: alternate the three sub-problems; returns the fraction of zero z (pruned channels)."""
+                      polish_epochs: int = 1, batch: int = 64, seed: int = 0) -> dict:
+    """Seed-003 ADMM: alternate the three sub-problems; then project gamma onto the support of z (gamma = 0 where
+    z = 0) and polish the other weights for `polish_epochs` with that mask held. Returns the zero fraction."""
     import torch
     import torch.nn.functional as F
 
@@ -264,8 +265,20 @@ def admm_sparse_train(model, x: np.ndarray, y: np.ndarray, *, iterations: int = 
                 u[k] = u[k] + g - z[k]
         zero = float(sum((zi == 0).sum().item() for zi in z) / max(sum(zi.numel() for zi in z), 1))
         history.append({"iteration": it, "zero_fraction": zero, "loss": round(float(loss.detach()), 4)})
-    with torch.no_grad():  # project: channels whose z is 0 get gamma = 0 (and beta unchanged)
-        for g, zi in zip(gammas, z):
-            g.mul_((zi != 0).to(g.dtype))
+    masks = [(zi != 0).to(g.dtype) for g, zi in zip(gammas, z)]
+    with torch.no_grad():  # project: channels whose z is 0 get gamma = 0 (beta unchanged: a constant channel)
+        for g, mk in zip(gammas, masks):
+            g.mul_(mk)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(polish_epochs):  # masked polish: the support of z is fixed
+        for xb, yb in _batches(xt, yt, batch, rng):
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for g, mk in zip(gammas, masks):
+                    g.mul_(mk)
     model.eval()
     return {"history": history, "zero_fraction": history[-1]["zero_fraction"] if history else 0.0}
