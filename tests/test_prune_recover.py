@@ -242,3 +242,24 @@ def test_prune_recipe_runs_with_overrides():
     st = res.stages[-1]
     assert st.name == "prune" and st.stats["params_ratio"] <= 0.7 + 1e-6
     assert st.stats["criterion"] == "l2" and st.stats["recovery"] == "fusion+lstsq"
+
+
+def test_lstsq_privatises_a_shared_bias():
+    from prune_models import GraphBuilder
+
+    b = GraphBuilder(seed=5)
+    x = b.act(b.conv("input", 3, 8), "relu")
+    x = b.act(b.conv(x, 8, 8), "relu")
+    m = b.build(b.head(x, 8))
+    c1, c2 = [n for n in m.graph.node if n.op_type == "Conv"]
+    c2.input[2] = c1.input[2]  # one bias initializer shared by both convs (as deduplicating cleanups produce)
+    ref = onnx.ModelProto()
+    ref.CopyFrom(m)
+    feeds = _feeds(16)
+    fixed, st = R.lstsq_refit(m, ref, [c2.name], lambda: iter(feeds), samples=16, ridge=1e-9)
+    assert "skipped" not in st[c2.name], st
+    n1 = next(n for n in fixed.graph.node if n.name == c1.name)
+    n2 = next(n for n in fixed.graph.node if n.name == c2.name)
+    assert n2.input[2] != n1.input[2] and n1.input[2] == c1.input[2]
+    onnx.checker.check_model(fixed)
+    assert _max_rel(fixed, ref, _feeds(4, seed=12)) <= 1e-4  # refitting an unpruned layer reproduces it

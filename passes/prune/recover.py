@@ -201,8 +201,8 @@ class Layer:
         if _uses(model, node.input[1]) > 1:
             return None, "weight initializer is shared"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias is not None and (bias not in inits or _uses(model, bias) > 1):
-            return None, "bias is not a private initializer"
+        if bias is not None and bias not in inits:
+            return None, "bias is not an initializer"
         a = _attrs(node)
         if node.op_type == "Conv":
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -291,7 +291,13 @@ class Layer:
                 _set(model, name, b.astype(W0.dtype))
             else:
                 b0 = _get(model, self.bias)
-                _set(model, self.bias, b.reshape(b0.shape).astype(b0.dtype))
+                if _uses(model, self.bias) > 1:  # shared (e.g. deduplicated zeros): give this node its own copy
+                    name = _unique_name(model, f"{self.weight}_bias")
+                    node.input[2] = name
+                    self.bias = name
+                    model.graph.initializer.append(numpy_helper.from_array(b.reshape(b0.shape).astype(b0.dtype), name))
+                else:
+                    _set(model, self.bias, b.reshape(b0.shape).astype(b0.dtype))
 
 
 def residual_partner(model: onnx.ModelProto, out: str) -> tuple[str, str] | None:
