@@ -264,15 +264,12 @@ def recon_problems(model, groups, layers_of, feeds, samples: int, *, max_positio
                 x = acts[lay.input]
                 if lay.op == "Conv":
                     a = _attrs(it["node"])
-                    W = it["A"]
                     kh_kw = tuple(_get(model, lay.weight).shape[2:])
                     xs = x[0][it["pos"]]
-                    oh = None
                     X = conv_patches(xs, kh_kw, tuple(a.get("strides", (1, 1))), tuple(a.get("pads", (0, 0, 0, 0))),
                                      tuple(a.get("dilations", (1, 1))))
                     if X.shape[0] > max_positions:
                         X = X[np.sort(rng.choice(X.shape[0], max_positions, replace=False))]
-                    del oh, W
                 else:
                     X = x.reshape(-1, x.shape[-1])[:, it["pos"]]
                     if X.shape[0] > max_positions:

@@ -414,7 +414,7 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
             n_out = w.shape[0] if node.op_type == "Conv" or (node.op_type == "Gemm" and R._attrs(node).get("transB", 0)) \
                 else w.shape[-1]
         if not parts or n_out is None or sum(p[2] for p in parts) != n_out:
-            if any(p[0] in keep_idx for p in parts) or (not parts and False):
+            if any(p[0] in keep_idx for p in parts):
                 layers.discard(name)
                 stats.setdefault("lstsq_skipped", {})[name] = "output channels span untracked groups"
             continue
