@@ -11,6 +11,7 @@ dependency analysis sees constant Pad/Reshape/Slice operands.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -358,8 +359,13 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
                     from passes.prune import graph as G
                     from passes.prune import recover as R
 
+                    skip = opts.fidelity_samples  # refit on samples the probe does not score (no in-sample bias)
+
+                    def refit_feeds(skip=skip):
+                        return itertools.islice(ctx.calib_batches(), skip, None)
+
                     m, _ = R.lstsq_refit(m, model, [L["node"] for L in G.consumer_layers(model, g)],
-                                         ctx.calib_batches, samples=max(8, opts.calib_samples // 2),
+                                         refit_feeds, samples=max(8, opts.calib_samples // 2),
                                          ridge=opts.ridge, max_positions=opts.max_positions,
                                          residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
                                          min_rows_factor=1.0)
