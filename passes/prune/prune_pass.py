@@ -57,6 +57,7 @@ class PruneOptions:
     finetune_lr: float = 1e-3
     taylor_temperature: float = 0.5
     latency_iters: int = 4
+    strict_budget: bool = True  # False: an unreachable budget prunes to the closest reachable point (and says so)
 
     def __post_init__(self):
         budgets = [b for b in (self.target_macs, self.target_params, self.target_latency_ms) if b is not None]
@@ -507,6 +508,12 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
         unprotected = True
     if not prunable:
         raise EdgecError("no prunable channel groups in this model (see the analysis reasons)")
+    relaxed = None
+    if not budget.ok(floor_cost(prunable)) and not opts.strict_budget:
+        reach = min(1.0, budget.value(floor_cost(prunable)) + 1e-6)
+        relaxed = f"{budget.kind} budget {budget.target:g} unreachable; pruned to the closest reachable point {reach:.3f}"
+        ctx.progress("prune: " + relaxed)
+        budget = alloc.Budget(budget.kind, reach)
     if not budget.ok(floor_cost(prunable)):
         raise EdgecError(f"{budget.kind} budget {budget.target:g} is unreachable: pruning every prunable group to "
                          f"its minimum leaves {budget.value(floor_cost(prunable)):.3f} of the original")
@@ -515,6 +522,8 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
     t_alloc = time.perf_counter() - t0
     keep_idx = _select(groups_by_id, scores, a.keep)
     stats: dict = {"allocation_seconds": round(t_alloc, 2), "residual_groups_pruned": unprotected}
+    if relaxed:
+        stats["budget_relaxed"] = relaxed
     src = model
     if opts.recovery in ("fusion", "fusion+lstsq") and keep_idx:
         src = _fuse(model, groups_by_id, keep_idx, acts, stats)
@@ -535,6 +544,10 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
     with _memo_analysis():
         groups = analyze(model)
         prunable = _candidates(groups, opts)
+        if not prunable and not opts.strict_budget:
+            reasons = sorted({g.reason for g in groups if not g.prunable and g.reason})[:5]
+            return PassResult(model, folded > 0 if isinstance(folded, int) else bool(folded),
+                              {"skipped": "no prunable channel groups", "reasons": reasons, "groups": len(groups)})
         ctx.progress(f"prune: {len(prunable)}/{len(groups)} prunable groups; scoring by {opts.criterion}")
         scores, notes, acts = score_groups(model, [g for g in groups if g.prunable and g.size >= 2], opts.criterion,
                                            ctx, opts)
