@@ -10,7 +10,6 @@ paths), so two builds from the same inputs give byte-identical files and manifes
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 import onnx
 
 from pipeline.onnx_io import atomic_write
+from pipeline.report import sha256_file
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "bundle_templates"
@@ -159,16 +159,8 @@ def reference_arrays(feeds: list[dict], outs: list[list[np.ndarray]], out_names:
 
 # ----------------------------------------------------------------------------- manifest
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_hashes(outdir: Path) -> dict[str, str]:
-    return {p.name: sha256(p) for p in sorted(Path(outdir).iterdir())
+    return {p.name: sha256_file(p) for p in sorted(Path(outdir).iterdir())
             if p.is_file() and p.name not in NOT_HASHED and not p.name.startswith(".")}
 
 
