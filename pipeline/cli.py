@@ -45,6 +45,9 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
     g.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3xHxW",
                    help="concrete input shape (repeatable); fixes symbolic dims of ONNX inputs")
     g.add_argument("--dynamic-batch", action="store_true", help="export torch models with a dynamic batch axis")
+    g.add_argument("--dynamic", metavar="AXES", help="keep these ONNX input axes dynamic in the emitted model and verify it "
+                   "at two shapes: batch,height,width | batch,sequence | axis numbers | the model's dim names")
+    g.add_argument("--max-memory", metavar="SIZE", help="stop with an error before resident memory exceeds SIZE (e.g. 8G)")
     g = p.add_argument_group("compile")
     g.add_argument("--target", default="ort", help="ort | tensorrt | jetson (default: ort)")
     g.add_argument("--recipe", default="default", help="shipped recipe name, a .yaml path, or inline YAML (default: default)")
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                               data=args.data, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
                               threads=tuple(args.threads), seed=args.seed, bench=args.bench, memory=args.memory,
                               warmup=args.warmup, runs=args.runs, opt_level=args.opt_level,
-                              dynamic_batch=args.dynamic_batch, mean=args.mean, std=args.std, layout=args.layout,
+                              dynamic_batch=args.dynamic_batch, dynamic=args.dynamic, max_memory=args.max_memory,
+                              mean=args.mean, std=args.std, layout=args.layout,
                               target_opts=_target_opts(args.target_opt), command=command_line())
         report = compile_model(opts)
         print(summary_table(report))
@@ -166,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return e.exit_code
+    except OSError as e:  # disk full, unwritable output, I/O error: the environment, not a bug; outputs are staged
+        if args.debug:
+            raise
+        print(f"edgec: error: cannot complete the run: {e.strerror or e} (any previous output is left intact)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgec: interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,8 @@ from passes.costs import count_costs
 from pipeline import report as rep
 from pipeline.errors import EdgecError
 from pipeline.fidelity import Comparator
-from pipeline.importer import fix_input_shapes, load_onnx_file, parse_shapes
+from pipeline.guards import MemoryGuard, check_activation_budget, check_finite_state_dict, parse_memory
+from pipeline.importer import finish_dynamic, fix_input_shapes, load_onnx_file, parse_shapes, plan_input_shapes
 from pipeline.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe, verify
@@ -52,6 +53,8 @@ class CompileOptions:
     runs: int = 200
     opt_level: str = "all"
     dynamic_batch: bool = False
+    dynamic: str | None = None  # --dynamic batch,height,width: keep these ONNX input axes dynamic in model.onnx
+    max_memory: str | None = None  # --max-memory 8G
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     layout: str | None = None
@@ -73,13 +76,14 @@ def default_out(opts: CompileOptions, model_name: str) -> Path:
     return Path("out") / f"{model_name}-{opts.target}-{rname}"
 
 
-def _inputs(model: onnx.ModelProto) -> list[InputInfo]:
+def _inputs(model: onnx.ModelProto, concrete: dict | None = None) -> list[InputInfo]:
     names = set(graph_input_names(model))
     out = []
     for i in model.graph.input:
         if i.name in names:
             t = i.type.tensor_type
-            out.append(InputInfo(i.name, tuple(d.dim_value for d in t.shape.dim), np_dtype(t.elem_type)))
+            shape = (concrete or {}).get(i.name) or tuple(d.dim_value for d in t.shape.dim)
+            out.append(InputInfo(i.name, tuple(shape), np_dtype(t.elem_type)))
     return out
 
 
@@ -103,6 +107,10 @@ def load_source(opts: CompileOptions):
     if isinstance(src, TorchSource):
         from pipeline.export import export_torch
 
+        if opts.dynamic:
+            raise EdgecError("--dynamic applies to ONNX models; for torch models use --dynamic-batch")
+
+        check_finite_state_dict(src.module.state_dict(), src.name)
         _progress(f"exporting {src.name} to ONNX")
         model, info = export_torch(src.module, src.input_shape, dynamic_batch=opts.dynamic_batch, seed=opts.seed)
         if opts.dynamic_batch:
@@ -111,12 +119,20 @@ def load_source(opts: CompileOptions):
                                          if hasattr(p, "numpy"))).hexdigest()
         return src.name, model, src.module, pre, src.description, {"export": info, "input_sha256": digest}
     assert isinstance(src, OnnxSource)
-    model = load_onnx_file(src.path)
-    model = fix_input_shapes(model, shapes)
-    return src.name, model, None, pre, src.description, {"input_sha256": rep.sha256_file(src.path)}
+    model = load_onnx_file(src.path, max_bytes=parse_memory(opts.max_memory))
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    model, concrete, axes = plan_input_shapes(model, shapes, opts.dynamic, layout=opts.layout or pre.layout)
+    return src.name, model, None, pre, src.description, {"input_sha256": rep.sha256_file(src.path),
+                                                          "_shape_plan": (original, concrete, axes)}
 
 
 def compile_model(opts: CompileOptions) -> dict:
+    with MemoryGuard(parse_memory(opts.max_memory)):
+        return _compile_model(opts)
+
+
+def _compile_model(opts: CompileOptions) -> dict:
     t_start = time.perf_counter()
     target = get_target(opts.target)
     recipe = load_recipe(opts.recipe, opts.overrides)  # validate before any heavy work
@@ -125,7 +141,9 @@ def compile_model(opts: CompileOptions) -> dict:
     if precheck is not None:  # e.g. TensorRT's rule checker: fail before any pass runs
         precheck(model)
     out = Path(opts.out) if opts.out else default_out(opts, name)
-    inputs = _inputs(model)
+    original, concrete, axes = src_info.pop("_shape_plan", (None, None, {}))
+    check_activation_budget(model, parse_memory(opts.max_memory))  # refuse absurd input shapes before running
+    inputs = _inputs(model, concrete)
     if not inputs:
         raise EdgecError("the model has no graph inputs")
     calib, evals = load_splits(opts.data, inputs, pre, n_calib=opts.calib_samples, n_eval=opts.eval_samples, seed=opts.seed)
@@ -142,6 +160,10 @@ def compile_model(opts: CompileOptions) -> dict:
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     result = run_recipe(model, recipe, ctx)
     final = result.model
+    dynamic = None
+    if axes:
+        _progress("restoring dynamic axes and verifying the compiled model at two input shapes")
+        final, dynamic = finish_dynamic(final, original, axes, concrete, seed=opts.seed)
     bctx = BuildContext(model_name=name, recipe=recipe, reference_model=reference, eval_split=evals, calib_split=calib,
                         threads=tuple(opts.threads), seed=opts.seed, warmup=opts.warmup, runs=opts.runs, opt_level=opts.opt_level,
                         extra={"out": str(out), **opts.target_opts})
@@ -173,6 +195,7 @@ def compile_model(opts: CompileOptions) -> dict:
             "target_build": {k: v for k, v in build.items() if k != "artifacts"},
             "artifacts": sorted(set(build.get("artifacts", [])) | {"model.onnx", "report.json", "report.md", "manifest.json"}),
             "command": opts.command or "edgec compile",
+            **({"dynamic": dynamic} if dynamic else {}),
             "seconds": round(time.perf_counter() - t_start, 2),
         }
         rep.validate(report)
