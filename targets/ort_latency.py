@@ -237,6 +237,12 @@ class OrtLatencyProbe:
             json.dump({"ms": ms, "key": key_src, "bits": b}, f)
 
     # ------------------------------------------------------------------ kernel check (targets own it)
+    def effective_precision(self, model: onnx.ModelProto) -> dict:
+        """{layer: {claimed, effective, kernel}} after ORT graph optimization, without raising."""
+        from targets.ort_kernels import effective_precision
+
+        return effective_precision(model, threads=self.threads)
+
     def check_kernels(self, model: onnx.ModelProto, claimed_bits: dict[str, int]) -> dict:
         from targets.ort_kernels import check_kernels
 

@@ -115,8 +115,9 @@ def test_runner_records_error_and_costs_per_pass():
     m = foreign_cnn(dynamic_hw=False)
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     res = run_recipe(m, load_recipe("cleanup"), PassContext(calib_batches=lambda: iter([{"x": x}])))
-    (st,) = res.stages
-    assert st.name == "cleanup" and st.exact
+    assert [s.name for s in res.stages] == ["normalize", "cleanup"]
+    st = res.stages[-1]
+    assert st.exact and res.stages[0].exact
     assert st.error_vs_previous <= 1e-5
     assert st.costs["macs"] == 3 * 8 * 9 * 32 * 32 + 8 * 16 * 9 * 16 * 16 + 16 * 10
     assert st.stats["op_delta"]["BatchNormalization"] == -2

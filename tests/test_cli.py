@@ -40,7 +40,7 @@ def test_compile_foreign_onnx_writes_model_and_valid_report(tmp_path, foreign_on
     assert not any(n.op_type in ("BatchNormalization", "Identity", "Constant") for n in m.graph.node)
     assert report["data"]["calib_samples"] == 4 and report["data"]["eval_samples"] == 8
     assert report["fidelity"]["summary"]["top1_agreement"] == 1.0
-    assert report["recipe"]["passes"][0]["name"] == "cleanup" and "cleanup" in report["recipe"]["yaml"]
+    assert [p["name"] for p in report["recipe"]["passes"]] == ["normalize", "cleanup"] and "cleanup" in report["recipe"]["yaml"]
     assert (out / "manifest.json").exists() and (out / "report.md").exists() and (out / "model.ort.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")], "temporary dirs left behind"
 

@@ -382,6 +382,16 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
             stats["floor"]["note"] = (f"the budget and the floor cannot both be met: {steps} layer(s) promoted above the "
                                       "budget's allocation to keep the floor")
     # ---- kernel check (the target knows its kernels)
+    if opts.kernel_check and probe is not None and hasattr(probe, "effective_precision"):
+        # a layer the target cannot run as an integer kernel (e.g. a Conv whose output leaves the graph, so no
+        # QuantizeLinear follows it) stays fp32 rather than being reported int8 while it runs DequantizeLinear -> fp32
+        eff = probe.effective_precision(qm)
+        demote = sorted(l for l, b in bits.items() if b == 8 and eff.get(l, {}).get("effective") != "int8")
+        if demote:
+            for l in demote:
+                bits[l] = 32
+            qm, info = build(bits)
+            stats["kept_fp32_no_int8_kernel"] = demote
     if opts.kernel_check and probe is not None and hasattr(probe, "check_kernels"):
         eff = probe.check_kernels(qm, {l: b for l, b in bits.items() if b == 8})
         stats["effective_precision"] = {l: e["effective"] + f" ({e['kernel']})" for l, e in eff.items()}
