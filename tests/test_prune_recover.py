@@ -237,7 +237,7 @@ def test_prune_recipe_runs_with_overrides():
 
     r = load_recipe("prune", ["prune.target_macs=null", "prune.target_params=0.7", "prune.criterion=l2",
                               "prune.allocation=global", "prune.round_to=1", "prune.recovery=fusion+lstsq"])
-    assert [s.name for s in r.steps] == ["cleanup", "prune"]
+    assert [s.name for s in r.steps] == ["normalize", "cleanup", "prune"]
     res = run_recipe(residual(), r, _ctx())
     st = res.stages[-1]
     assert st.name == "prune" and st.stats["params_ratio"] <= 0.7 + 1e-6

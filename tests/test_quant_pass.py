@@ -108,7 +108,7 @@ def test_options_validation_and_recipe():
     rec = load_recipe("quant", ["quant.target_bits_per_weight=4.5", "quant.calibration=entropy"])
     opts = rec.steps[-1].options
     assert opts.target_bits_per_weight == 4.5 and opts.calibration == "entropy"
-    assert [s.name for s in rec.steps] == ["cleanup", "quant"]
+    assert [s.name for s in rec.steps] == ["normalize", "cleanup", "quant"]
 
 
 def test_tensorrt_dialect_through_the_pass(tmp_path):
