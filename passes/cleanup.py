@@ -2,7 +2,7 @@
 Conv), onnxscript's rewriter (BatchNorm folding, Dropout) and onnx_ir's common passes (Identity, dead nodes).
 
 All are exact: outputs must match their input within 1e-4 relative (checked by the runner).
-  fold_constants   f(consts) -> const: evaluate subgraphs whose inputs are all constant; Constant -> initializer
+  fold_constants   f(consts) -> const: evaluate subgraphs whose inputs are all constant (onnxslim + onnxscript)
   fold_batchnorm   W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta
   remove_identity  Identity(x) -> x; Dropout(x, training=False) -> x
   eliminate_dead   drop nodes whose outputs reach no graph output
@@ -107,7 +107,7 @@ def _apply(model: onnx.ModelProto, *steps) -> onnx.ModelProto:
 
 @register_pass("fold_constants", exact=True)
 def fold_constants(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
-    """f(consts) -> const: evaluate constant subgraphs (onnxscript optimizer); Constant nodes become initializers."""
+    """f(consts) -> const: evaluate constant subgraphs (onnxslim, then onnxscript); Constant nodes become initializers."""
     return _result(model, _apply(model, _lift_and_fold, _dead))
 
 
