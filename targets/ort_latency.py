@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.onnx_io import atomic_write, graph_input_names, ort_session
+from pipeline.onnx_io import model_bytes, atomic_write, graph_input_names, ort_session
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,23 @@ class OrtLatencyProbe:
 
     # ------------------------------------------------------------------ whole model
     def model_latency_ms(self, model: onnx.ModelProto, runs: int | None = None) -> float:
-        sess = ort_session(model, threads=self.threads, optimize=True)
-        feed = self._feed(model)
-        return _time_interleaved([sess], [feed], runs or max(self.runs, 50))[0]
+        return self.compare_latency_ms([model], runs)[0]
 
     def compare_latency_ms(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
-        """Medians of several models timed interleaved (same rounds), for ratios under noise."""
+        """Medians of several models timed interleaved (same rounds), for ratios under noise.
+
+        Cached on disk by the models' bytes (and ORT version, CPU, threads, runs), like the per-layer tables, so a
+        decision taken on measured latency is reproducible: the same inputs give the same model on the same machine
+        (delete the cache directory to measure again)."""
+        n = runs or max(self.runs, 50)
+        key = {**self._tag, "runs": n, "models": [hashlib.sha256(model_bytes(m)).hexdigest() for m in models]}
+        cached = self._cache_get(key, 0, field="ms_list")
+        if cached is not None and len(cached) == len(models):
+            return [float(x) for x in cached]
         sess = [ort_session(m, threads=self.threads, optimize=True) for m in models]
-        return _time_interleaved(sess, [self._feed(m) for m in models], runs or max(self.runs, 50))
+        res = _time_interleaved(sess, [self._feed(m) for m in models], n)
+        self._cache_put(key, 0, [float(x) for x in res], field="ms_list")
+        return res
 
     @staticmethod
     def _feed(model: onnx.ModelProto) -> dict:
@@ -219,22 +228,23 @@ class OrtLatencyProbe:
         h = hashlib.sha256(json.dumps({**key_src, "bits": b}, sort_keys=True).encode()).hexdigest()[:32]
         return Path(self.cache_dir) / "ort_latency" / f"{h}.json"
 
-    def _cache_get(self, key_src: dict, b: int) -> float | None:
+    def _cache_get(self, key_src: dict, b: int, field: str = "ms"):
         p = self._cache_path(key_src, b)
         if p is not None and p.is_file():
             try:
-                return float(json.loads(p.read_text())["ms"])
-            except (ValueError, KeyError):
+                v = json.loads(p.read_text())[field]
+                return v if isinstance(v, list) else float(v)
+            except (ValueError, KeyError, TypeError):
                 return None
         return None
 
-    def _cache_put(self, key_src: dict, b: int, ms: float) -> None:
+    def _cache_put(self, key_src: dict, b: int, ms, field: str = "ms") -> None:
         p = self._cache_path(key_src, b)
         if p is None:
             return
         os.makedirs(p.parent, exist_ok=True)
         with atomic_write(p, "w") as f:
-            json.dump({"ms": ms, "key": key_src, "bits": b}, f)
+            json.dump({field: ms, "key": key_src, "bits": b}, f)
 
     # ------------------------------------------------------------------ kernel check (targets own it)
     def effective_precision(self, model: onnx.ModelProto) -> dict:
