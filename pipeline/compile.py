@@ -188,8 +188,8 @@ def _compile_model(opts: CompileOptions) -> dict:
                      "eval_description": evals.description, "disjoint": True,
                      "labels": calib.labels is not None},
             "passes": [s.as_dict() for s in result.stages],
-            "costs": {"original": {**count_costs(reference).as_dict(), "model_bytes": ref_bytes},
-                      "final": {**count_costs(final).as_dict(), "model_bytes": final_bytes}},
+            "costs": {"original": {**_costs_at(reference, concrete).as_dict(), "model_bytes": ref_bytes},
+                      "final": {**_costs_at(final, concrete).as_dict(), "model_bytes": final_bytes}},
             "bench": bench,
             "fidelity": fidelity,
             "target_build": {k: v for k, v in build.items() if k != "artifacts"},
@@ -212,6 +212,18 @@ def _compile_model(opts: CompileOptions) -> dict:
         rep.write_json(tmp / "manifest.json", manifest)
     report["out"] = str(out)
     return report
+
+
+def _costs_at(model: onnx.ModelProto, concrete: dict | None):
+    """MACs/params at the compile shape: symbolic (--dynamic) input dims are fixed on a copy before counting."""
+    if not concrete:
+        return count_costs(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    try:
+        return count_costs(fix_input_shapes(m, dict(concrete)))
+    except EdgecError:
+        return count_costs(model)
 
 
 def _collect_plots(stages, outdir: Path) -> None:
