@@ -14,7 +14,7 @@ seed ?= 0
 ARGS ?=
 
 .DEFAULT_GOAL := compile
-.PHONY: compile bench test clean venv help bench-prune bench-quant bench-coverage artifacts rules
+.PHONY: compile bench test clean venv help bench-prune bench-quant bench-coverage bench-realworld artifacts rules
 
 help:
 	@echo "make                    compile model=$(model) target=$(target) recipe=$(recipe)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-prune        criteria x allocation x recovery vs Torch-Pruning (EfficientNet-Lite0)"
 	@echo "make bench-quant        FP32 vs ORT quantize_static vs edgec mixed-bit, one interleaved run"
 	@echo "make bench-coverage     prune 17 torchvision models to 0.7x MACs, pass/fail table"
+	@echo "make bench-realworld    default recipe on the real-world trait models (Paddle, YOLO-style, ext. data, attention)"
 	@echo "make artifacts          CI artifact builds: models x targets from artifacts.yaml, reproducible tarballs"
 	@echo "make clean              remove out/ and caches"
 
@@ -54,6 +55,9 @@ bench-quant: $(STAMP)
 
 bench-coverage: $(STAMP)
 	$(PY) bench/coverage.py $(ARGS)
+
+bench-realworld: $(STAMP)
+	$(PY) bench/bench_realworld.py $(ARGS)
 
 artifacts: $(STAMP)
 	$(PY) -m pipeline.artifacts artifacts.yaml $(ARGS)

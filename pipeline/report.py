@@ -128,6 +128,17 @@ def render_markdown(r: dict) -> str:
     for s in r["passes"]:
         L.append(f"| {s['name']} | {s['exact']} | {s['seconds']:.2f} | {s['error_vs_previous']:.2e} | "
                  f"{_fmt(s['fidelity_vs_original'].get('top1_agreement'))} | {s['costs']['macs']:,} | {s['nodes']} |")
+    floors = [(s["name"], s["stats"]["floor"]) for s in r["passes"] if isinstance((s.get("stats") or {}).get("floor"), dict)]
+    if floors:
+        L += ["", "### Fidelity floors (calibration samples, vs the original)", "",
+              "| pass | floor | measured | met | note |", "|---|---|---|---|---|"]
+        for name, fl in floors:
+            spec = ", ".join(f"{k} {v}" for k, v in fl.items()
+                             if k in ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope") and v is not None)
+            meas = fl.get("measured") or (fl.get("history") or [{}])[-1]
+            got = ", ".join([f"top-1 {meas['top1_agreement']:.3f}"] if "top1_agreement" in meas else []) + \
+                "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items())
+            L.append(f"| {name} | {spec} | {got.lstrip('; ')} | {fl.get('met')} | {fl.get('note', '')} |")
     for s in r["passes"]:
         for k, v in (s.get("stats") or {}).items():
             if k.endswith("_png") and isinstance(v, str):

@@ -109,10 +109,10 @@ def _vi(name, shape, dtype=T.FLOAT):
 
 
 # ----------------------------------------------------------------------------------------------- Paddle
-def paddle_model(opset: int = 11, blocks: int = 24, seed: int = 0, init_as_inputs: bool = False) -> onnx.ModelProto:
+def paddle_model(opset: int = 11, blocks: int = 24, seed: int = 0, init_as_inputs: bool = False,
+                 c: int = 8) -> onnx.ModelProto:
     assert opset in (11, 12)
     b = Builder(seed, const_nodes=True)
-    c = 8
 
     def scale(x):  # paddle.scale -> Mul + Add with Constant scalars
         return b.op("Add", [b.op("Mul", [x, b.const(np.float32(1.0), "scale")]), b.const(np.float32(0.0), "shift")])
@@ -176,8 +176,10 @@ def paddle_model(opset: int = 11, blocks: int = 24, seed: int = 0, init_as_input
 
 
 # ----------------------------------------------------------------------------------------------- Ultralytics
-def ultralytics_model(seed: int = 0, nc: int = 4, reg_max: int = 8) -> onnx.ModelProto:
+def ultralytics_model(seed: int = 0, nc: int = 4, reg_max: int = 8, width: int = 8) -> onnx.ModelProto:
+    """`width` is the stem's channels (YOLOv8n: 16); the stages double it."""
     b = Builder(seed)
+    w1, w2, w3, wh = width, 2 * width, 4 * width, 2 * width
 
     def silu(x):
         return b.op("Mul", [x, b.op("Sigmoid", [x])])
@@ -195,17 +197,17 @@ def ultralytics_model(seed: int = 0, nc: int = 4, reg_max: int = 8) -> onnx.Mode
             parts.append(b.op("Add", [parts[-1], t]))
         return cbs(b.op("Concat", parts, axis=1), (2 + n) * hid, cout, 1)
 
-    p1 = cbs("images", 3, 8, 3, 2)            # /2
-    p2 = c2f(cbs(p1, 8, 16, 3, 2), 16, 16)    # /4
-    p3 = c2f(cbs(p2, 16, 32, 3, 2), 32, 32)   # /8
+    p1 = cbs("images", 3, w1, 3, 2)            # /2
+    p2 = c2f(cbs(p1, w1, w2, 3, 2), w2, w2)    # /4
+    p3 = c2f(cbs(p2, w2, w3, 3, 2), w3, w3)    # /8
     up = b.op("Resize", [p3, "", b.init(np.array([1, 1, 2, 2], np.float32), "scales")], mode="nearest")
-    n3 = c2f(b.op("Concat", [up, p2], axis=1), 48, 16)     # neck, /4
-    levels = [(n3, 16, 4.0), (p3, 32, 8.0)]
+    n3 = c2f(b.op("Concat", [up, p2], axis=1), w3 + w2, w2)     # neck, /4
+    levels = [(n3, w2, 4.0), (p3, w3, 8.0)]
     no = 4 * reg_max + nc
     flat, anchors, strides = [], [], []
     for feat, ch, stride in levels:
-        box = b.conv(cbs(feat, ch, 16, 3), 16, 4 * reg_max, 1)
-        cls = b.conv(cbs(feat, ch, 16, 3), 16, nc, 1)
+        box = b.conv(cbs(feat, ch, wh, 3), wh, 4 * reg_max, 1)
+        cls = b.conv(cbs(feat, ch, wh, 3), wh, nc, 1)
         y = b.op("Concat", [box, cls], axis=1)
         shp = b.op("Shape", [y])
         bsz = b.op("Gather", [shp, b.init(np.array(0, np.int64), "i0")], axis=0)
@@ -254,14 +256,19 @@ def ultralytics_model(seed: int = 0, nc: int = 4, reg_max: int = 8) -> onnx.Mode
 
 
 # ----------------------------------------------------------------------------------------------- external data
-def external_cnn(seed: int = 0) -> onnx.ModelProto:
+def external_cnn(seed: int = 0, widths: tuple[int, ...] = (16, 32), hw: int = 32) -> onnx.ModelProto:
+    """Stride-2 3x3 Conv+Relu per entry of `widths`, then a stride-1 one at the same width (when more than two)."""
     b = Builder(seed)
-    y = b.op("Relu", [b.conv("input", 3, 16, 3, 2)])
-    y = b.op("Relu", [b.conv(y, 16, 32, 3, 2)])
+    y, cin = "input", 3
+    for i, w in enumerate(widths):
+        y = b.op("Relu", [b.conv(y, cin, w, 3, 2)])
+        if len(widths) > 2:
+            y = b.op("Relu", [b.conv(y, w, w, 3, 1)])
+        cin = w
     y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
-    b.nodes.append(helper.make_node("Gemm", [y, b.init(b.weight(10, 32) * 2, "fc_w"), b.init(b.weight(10), "fc_b")],
+    b.nodes.append(helper.make_node("Gemm", [y, b.init(b.weight(10, cin) * 2, "fc_w"), b.init(b.weight(10), "fc_b")],
                                     ["logits"], transB=1, name="fc"))
-    return b.model([_vi("input", [1, 3, 32, 32])], [_vi("logits", [1, 10])], 17, 8, "pytorch")
+    return b.model([_vi("input", [1, 3, hw, hw])], [_vi("logits", [1, 10])], 17, 8, "pytorch")
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -312,37 +319,60 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def write_paddle(d: Path, opset: int = 11, init_as_inputs: bool = False) -> RealWorld:
-    m = paddle_model(opset, init_as_inputs=init_as_inputs)
+# Two sizes of every trait model: "tiny" (tests: seconds to compile) and "real" (bench/bench_realworld.py: the
+# widths and input sizes of the small production models these traits come from, where int8 kernels and channel
+# removal decide latency instead of per-op overhead).
+SIZES = {
+    "tiny": dict(paddle=dict(c=8, blocks=24), paddle_shape=(32, 32), paddle_second=(48, 40),
+                 yolo=dict(width=8), yolo_shape=(64, 64), yolo_second=(96, 64),
+                 ext=dict(widths=(16, 32), hw=32),
+                 attn=dict(d=32, heads=4), attn_seq=(16, 24)),
+    "real": dict(paddle=dict(c=32, blocks=12), paddle_shape=(160, 160), paddle_second=(192, 128),
+                 yolo=dict(width=32), yolo_shape=(320, 320), yolo_second=(256, 384),
+                 ext=dict(widths=(32, 64, 128), hw=128),
+                 attn=dict(d=256, heads=8), attn_seq=(128, 96)),
+}
+
+
+def write_paddle(d: Path, opset: int = 11, init_as_inputs: bool = False, size: str = "tiny") -> RealWorld:
+    z = SIZES[size]
+    m = paddle_model(opset, init_as_inputs=init_as_inputs, **z["paddle"])
     return RealWorld(f"paddle_opset{opset}", _save(m, d / f"paddle{opset}.onnx"),
                      ("opset 11/12", "hundreds of Constant nodes", "unfused BatchNormalization", "HardSigmoid/HardSwish",
                       "Clip with inputs", "p2o.DynamicDimension.N and ? dims", "shared weights"),
-                     {"x": (1, 3, 32, 32)}, {"x": (2, 3, 48, 40)}, ("batch", "height", "width"))
+                     {"x": (1, 3, *z["paddle_shape"])}, {"x": (2, 3, *z["paddle_second"])},
+                     ("batch", "height", "width"))
 
 
-def write_ultralytics(d: Path) -> RealWorld:
-    return RealWorld("ultralytics_detector", _save(ultralytics_model(), d / "yolo.onnx"),
+def write_ultralytics(d: Path, size: str = "tiny") -> RealWorld:
+    z = SIZES[size]
+    return RealWorld("ultralytics_detector", _save(ultralytics_model(**z["yolo"]), d / "yolo.onnx"),
                      ("SiLU as Sigmoid*Mul", "C2f Split/Concat", "decode head Shape/Gather/Reshape/Range/Expand"),
-                     {"images": (1, 3, 64, 64)}, {"images": (2, 3, 96, 64)}, ("batch", "height", "width"))
+                     {"images": (1, 3, *z["yolo_shape"])}, {"images": (2, 3, *z["yolo_second"])},
+                     ("batch", "height", "width"))
 
 
-def write_external(d: Path) -> RealWorld:
+def write_external(d: Path, size: str = "tiny") -> RealWorld:
+    z = SIZES[size]
     path = d / "ext" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(external_cnn(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(external_cnn(**z["ext"]), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=0)
-    return RealWorld("external_data", path, ("external data file",), {"input": (1, 3, 32, 32)})
+    hw = z["ext"]["hw"]
+    return RealWorld("external_data", path, ("external data file",), {"input": (1, 3, hw, hw)})
 
 
-def write_attention(d: Path) -> RealWorld:
-    return RealWorld("matmul_attention", _save(attention_model(), d / "attention.onnx"),
+def write_attention(d: Path, size: str = "tiny") -> RealWorld:
+    z = SIZES[size]
+    dim, (seq, seq2) = z["attn"]["d"], z["attn_seq"]
+    return RealWorld("matmul_attention", _save(attention_model(**z["attn"]), d / "attention.onnx"),
                      ("MatMul attention", "LayerNormalization", "Erf GELU"),
-                     {"tokens": (1, 16, 32)}, {"tokens": (3, 24, 32)}, ("batch", "sequence"), data="synthetic")
+                     {"tokens": (1, seq, dim)}, {"tokens": (3, seq2, dim)}, ("batch", "sequence"), data="synthetic")
 
 
 WRITERS = {
-    "paddle_opset11": lambda d: write_paddle(d, 11, init_as_inputs=True),
-    "paddle_opset12": lambda d: write_paddle(d, 12),
+    "paddle_opset11": lambda d, size="tiny": write_paddle(d, 11, init_as_inputs=True, size=size),
+    "paddle_opset12": lambda d, size="tiny": write_paddle(d, 12, size=size),
     "ultralytics_detector": write_ultralytics,
     "external_data": write_external,
     "matmul_attention": write_attention,

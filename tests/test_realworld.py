@@ -3,11 +3,12 @@
 For each model and recipe: compile succeeds, the emitted model passes the full ONNX checker, the report has a
 per-output fidelity entry (cosine, relative L2, max abs) for every original output at or above the recipe's
 cosine floor, and dynamic models run at two different input shapes with the same outputs as the original.
-RECIPES is the one place to extend when channel removal and mixed-bit quantization join the default recipe.
+The `default` recipe's floors (passes/floor.py) decide what it promises: cosine >= 0.99 on every output of a model with
+a non-classifier output; top-1 agreement >= 0.30 for a pure classifier (the tiny external-data model). The
+production-size run of the same traits is bench/bench_realworld.py (`make bench-realworld`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -15,14 +16,12 @@ import onnx
 import pytest
 
 from pipeline.compile import CompileOptions, compile_model
-from pipeline.importer import finish_dynamic, load_onnx_file, plan_input_shapes, verify_at_shapes
+from pipeline.importer import finish_dynamic, load_onnx_file, verify_at_shapes
 from tests import realworld_models as rw
 
 # recipe -> minimum per-output cosine vs the original (issue 6 target for `default`: >= 0.99).
-# Add "default": 0.99 here once channel removal and mixed-bit quantization join the default recipe.
-RECIPES = {"cleanup": 0.9999, "[normalize, cleanup]": 0.9999, "quant": 0.99, "default": 0.95}
+RECIPES = {"cleanup": 0.9999, "[normalize, cleanup]": 0.9999, "quant": 0.99, "default": 0.99}
 DYNAMIC_RECIPE = "[normalize, cleanup]"
-COMPILE_HAS_DYNAMIC = "dynamic" in {f.name for f in dataclasses.fields(CompileOptions)}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +74,12 @@ def test_realworld_compiles_with_per_output_fidelity(name, recipe, models, tmp_p
     _check_traits(name, model, original, _pass_names(report))
     per = report["fidelity"]["per_output"]
     assert set(per) == {o.name for o in original.graph.output}
+    classifier_only = all("top1_agreement" in f for f in per.values())
     for oname, f in per.items():
         assert f["samples"] == 8
+        if recipe == "default" and classifier_only:  # judged by decisions: the agreement floor, cosine sanity only
+            assert f["top1_agreement"] >= 0.30 and f["cosine"] >= 0.95, (oname, f)
+            continue
         assert f["cosine"] >= RECIPES[recipe], (oname, f)
         assert f["rel_l2"] <= (1e-3 if RECIPES[recipe] > 0.999 else 0.2), (oname, f)
         assert np.isfinite(f["rel_l2"]) and np.isfinite(f["max_abs"])
@@ -90,33 +93,12 @@ DYNAMIC = [n for n in rw.WRITERS if n != "external_data"]
 
 
 def _compile_dynamic(rec: rw.RealWorld, recipe: str, tmp_path) -> onnx.ModelProto:
-    """The compiled model with its dynamic axes kept: through compile(--dynamic) when wired, otherwise through the
-    same building blocks compile uses (importer.plan_input_shapes -> runner.run_recipe -> importer.finish_dynamic)."""
-    if COMPILE_HAS_DYNAMIC:
-        out = tmp_path / "dyn"
-        report = compile_model(_options(rec, recipe, out, dynamic=",".join(rec.dynamic)))
-        assert len(report["dynamic"]["verified_at"]) == 2
-        return onnx.load(str(out / "model.onnx"))
-    from calib.data import InputInfo, load_splits
-    from passes.base import PassContext
-    from pipeline.onnx_io import np_dtype
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import run_recipe
-    from pipeline.sources import resolve
-
-    original = load_onnx_file(rec.path)
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    model, concrete, axes = plan_input_shapes(model, dict(rec.input_shapes), list(rec.dynamic))
-    assert axes, "no dynamic axis found"
-    types = {i.name: np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
-    inputs = [InputInfo(n, s, types[n]) for n, s in concrete.items()]
-    calib, _ = load_splits(rec.data, inputs, resolve(str(rec.path)).preprocess, n_calib=4, n_eval=2, seed=0)
-    ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), reference_model=original, seed=0)
-    result = run_recipe(model, load_recipe(recipe), ctx)
-    final, section = finish_dynamic(result.model, original, axes, concrete, seed=0)
-    assert len(section["verified_at"]) == 2 and section["verified_at"][0] != section["verified_at"][1]
-    return final
+    """The compiled model with its dynamic axes kept (compile --dynamic verifies it at two shapes itself)."""
+    out = tmp_path / "dyn"
+    report = compile_model(_options(rec, recipe, out, dynamic=",".join(rec.dynamic)))
+    assert len(report["dynamic"]["verified_at"]) == 2
+    assert report["dynamic"]["verified_at"][0] != report["dynamic"]["verified_at"][1]
+    return onnx.load(str(out / "model.onnx"))
 
 
 @pytest.mark.parametrize("name", DYNAMIC)

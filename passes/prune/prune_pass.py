@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes.base import PassContext, PassResult, register_pass
+from passes.floor import FloorSpec, OutputFloor
 from passes.prune import allocate as alloc
 from passes.prune import criteria as crit
 from pipeline.errors import EdgecError
@@ -58,6 +59,13 @@ class PruneOptions:
     taylor_temperature: float = 0.5
     latency_iters: int = 4
     strict_budget: bool = True  # False: an unreachable budget prunes to the closest reachable point (and says so)
+    # fidelity floor (passes/floor.py) vs the original on calibration samples: when the budget's model is below it,
+    # bisect the budget toward 1.0 (floor_steps times) and keep the most pruned model that holds it
+    min_top1_agreement: float | None = None
+    min_cosine: float | None = None
+    cosine_scope: str = "all"
+    floor_samples: int = 16
+    floor_steps: int = 4
 
     def __post_init__(self):
         budgets = [b for b in (self.target_macs, self.target_params, self.target_latency_ms) if b is not None]
@@ -80,8 +88,9 @@ class PruneOptions:
             raise ValueError(f"recovery must be one of {', '.join(RECOVERIES)}, got {self.recovery!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        FloorSpec(self.min_top1_agreement, None, self.min_cosine, self.cosine_scope, self.floor_samples)
         for nm in ("calib_samples", "score_samples", "fidelity_samples", "ga_population", "ga_generations", "ga_bits",
-                   "max_positions", "latency_iters"):
+                   "max_positions", "latency_iters", "floor_steps"):
             if not isinstance(getattr(self, nm), int) or getattr(self, nm) < 1:
                 raise ValueError(f"{nm} must be a positive integer, got {getattr(self, nm)!r}")
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
@@ -486,7 +495,7 @@ def _fuse(model, groups_by_id, keep_idx, acts, stats):
     return m
 
 
-def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, acts, probe):
+def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, acts, probe, cache=None):
     from passes.prune.graph import CostModel
 
     groups_by_id = {g.id: g for g in groups}
@@ -518,7 +527,7 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
         raise EdgecError(f"{budget.kind} budget {budget.target:g} is unreachable: pruning every prunable group to "
                          f"its minimum leaves {budget.value(floor_cost(prunable)):.3f} of the original")
     t0 = time.perf_counter()
-    a = _allocate(model, prunable, groups, groups_by_id, scores, budget, cost, ctx, opts, probe)
+    a = _allocate(model, prunable, groups, groups_by_id, scores, budget, cost, ctx, opts, probe, cache)
     t_alloc = time.perf_counter() - t0
     keep_idx = _select(groups_by_id, scores, a.keep)
     stats: dict = {"allocation_seconds": round(t_alloc, 2), "residual_groups_pruned": unprotected}
@@ -559,8 +568,18 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
         else:
             budget = alloc.Budget("macs", float(opts.target_macs)) if opts.target_macs is not None \
                 else alloc.Budget("params", float(opts.target_params))
+            cache: dict = {}
             pruned, a, keep_idx, rstats, stats, base = _prune_once(model, groups, ctx, opts, budget, scores, notes,
-                                                                   acts, probe)
+                                                                   acts, probe, cache)
+            floor = OutputFloor(ctx, FloorSpec(opts.min_top1_agreement, None, opts.min_cosine, opts.cosine_scope,
+                                               opts.floor_samples), model)
+            if floor.active and keep_idx:
+                res = _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor,
+                                    (pruned, a, keep_idx, rstats, stats, base))
+                if res is None:
+                    return PassResult(model, False, {"skipped": "no pruned model holds the fidelity floor",
+                                                     "floor": stats["floor"]})
+                pruned, a, keep_idx, rstats, stats, base = res
     if opts.finetune_epochs > 0:
         from passes.prune import torch_tools
 
@@ -598,6 +617,31 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
     if lat:
         out_stats["latency_search"] = lat
     return PassResult(pruned, modified=bool(keep_idx), stats=out_stats)
+
+
+def _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor, first):
+    """The budget's model, or, if it is below the floor, the most pruned of `floor_steps` bisection points between
+    the budget and 1.0 (the unpruned model) that holds it; None when none does. History goes to stats["floor"]."""
+    meas = floor.measure(first[0])
+    hist = [{"target": round(budget.target, 4), "ok": floor.ok(meas), **meas}]
+    best, best_meas = (first, meas) if floor.ok(meas) else (None, None)
+    lo, hi = budget.target, 1.0
+    for _ in range(opts.floor_steps if best is None else 0):
+        f = 0.5 * (lo + hi)
+        ctx.progress(f"prune: below the fidelity floor; trying {budget.kind} {f:.3f}")
+        res = _prune_once(model, groups, ctx, opts, alloc.Budget(budget.kind, f), scores, notes, acts, probe, cache)
+        meas = floor.measure(res[0])
+        hist.append({"target": round(f, 4), "ok": floor.ok(meas), **meas})
+        if floor.ok(meas):
+            best, best_meas, hi = res, meas, f
+        else:
+            lo = f
+    info = {**floor.describe(), "measured": best_meas or meas, "history": hist, "met": best is not None,
+            "measured_on": "calibration samples"}
+    if best is not None and best is not first:
+        info["note"] = f"{budget.kind} budget {budget.target:g} is below the floor; relaxed to {hi:.3f}"
+    (best or first)[4]["floor"] = info
+    return best
 
 
 def _latency_search(model, groups, ctx, opts, scores, notes, acts, probe, lat):

@@ -29,6 +29,10 @@ class QuantDialect:
     # DequantizeLinear (per-tensor, silently). Layers kept fp32 then read a per-channel DQ (equal scales) instead.
     guard_fp32_layers: bool = False
     int32_bias: bool = True                   # w8a8 bias as int32 DequantizeLinear (ORT); float bias for TensorRT
+    # Q/DQ on a graph output written by an int8 layer (the DQ keeps the output's name) so the layer itself runs
+    # as an integer kernel (QLinearConv -> DequantizeLinear) instead of staying fp32; costs one 8-bit rounding
+    # of that output. Set per run by the quant pass option `quantize_outputs`.
+    quantize_graph_outputs: bool = False
 
     def __post_init__(self):
         if self.activation_dtype not in ("uint8", "int8"):

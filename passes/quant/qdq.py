@@ -214,7 +214,7 @@ def plan_activations(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
         if bits.get(L.name, 32) == 8:
             add(L.input)
             op = output_point(model, L, consumers)
-            if op not in graph_outs:
+            if op not in graph_outs or dialect.quantize_graph_outputs:
                 add(op)
     alias: dict[str, str] = {}
     changed = True
@@ -311,6 +311,9 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
 
     # activations
     act_info = {}
+    graph_outs = {o.name for o in g.output}
+    producer_of = {o: n for n in g.node for o in n.output}
+    out_rename: dict[str, str] = {}
     channels = _channels(m, q_tensors)
     for t in q_tensors:
         p = qp[t]
@@ -318,9 +321,15 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
         new_inits.append(numpy_helper.from_array(np.array(p.scale, np.float32), s_name))
         new_inits.append(numpy_helper.from_array(np.array(p.zero_point, _np_dtype(p.dtype)), z_name))
         tq, tdq = uniq(f"{t}_QuantizeLinear"), uniq(f"{t}_DequantizeLinear")
-        qn = helper.make_node("QuantizeLinear", [t, s_name, z_name], [tq], name=uniq(f"{t}_Q"))
+        src = t
+        if t in graph_outs and t in producer_of:
+            # a graph output keeps its name on the DequantizeLinear; the layer now writes `<t>_float`
+            src = uniq(f"{t}_float")
+            out_rename[t] = src
+            tdq = t
+        qn = helper.make_node("QuantizeLinear", [src, s_name, z_name], [tq], name=uniq(f"{t}_Q"))
         dqn = helper.make_node("DequantizeLinear", [tq, s_name, z_name], [tdq], name=uniq(f"{t}_DQ"))
-        new_nodes_after[t] += [qn, dqn]
+        new_nodes_after[src] += [qn, dqn]
         pc_dq = None
         for ni, ii in consumers_idx.get(t, []):
             cn = g.node[ni]
@@ -443,6 +452,9 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
 
     for (ni, ii), new in rename.items():
         g.node[ni].input[ii] = new
+    for t, src in out_rename.items():
+        outs = producer_of[t].output
+        outs[list(outs).index(t)] = src
     # rebuild the node list with inserted nodes right after their producers
     producers = _producers(m)
     order: list[onnx.NodeProto] = list(new_nodes_after.get("", []))

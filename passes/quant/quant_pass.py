@@ -12,6 +12,7 @@ layers until the floor holds; never return a model below it -> kernel check thro
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ from calib.ranges import ESTIMATORS
 from calib.stats import collect_stats
 from passes.base import PassContext, PassResult, register_pass
 from passes.costs import count_costs
+from passes.floor import FloorSpec, OutputFloor
 from passes.quant import allocate
 from passes.quant.dialect import ORT_CPU, QuantDialect
 from passes.quant.qdq import Layer, find_layers, fold_pads, insert_qdq, op_counts, plan_activations, weight_bits
@@ -56,8 +58,11 @@ class QuantOptions:
     layer_bits: dict | None = field(default=None, compare=False)  # {layer: bits} forced (e.g. from --set or a recipe)
     min_top1_agreement: float | None = None
     max_accuracy_drop: float | None = None       # in points of accuracy (0-100), needs calibration labels
+    min_cosine: float | None = None              # per-output cosine floor vs the original (passes/floor.py)
+    cosine_scope: str = "all"                    # all | dense_models (see passes/floor.py)
     floor_samples: int = 64
     kernel_check: bool = True
+    quantize_outputs: bool = False               # Q/DQ on graph outputs so their producing layers can run int8
     latency_iterations: int = 4
     pareto_points: int = 12
     pareto_plot: str | None = None
@@ -88,6 +93,12 @@ class QuantOptions:
             raise ValueError("default_bits must be among 32, 16, 8, 4, 3, 2")
         if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
             raise ValueError("min_top1_agreement is a fraction in [0, 1]")
+        self.floor_spec  # validates the floor options
+
+    @property
+    def floor_spec(self) -> FloorSpec:
+        return FloorSpec(self.min_top1_agreement, self.max_accuracy_drop, self.min_cosine, self.cosine_scope,
+                         self.floor_samples)
         if self.calib_samples <= 0 or self.sensitivity_samples <= 0:
             raise ValueError("sample counts must be positive")
 
@@ -151,49 +162,12 @@ def _other_weight_bits(model: onnx.ModelProto, layers: list[Layer]) -> float:
     return float(sum(numpy_helper.to_array(i).nbytes * 8 for i in model.graph.initializer if i.name not in qw))
 
 
-class _Floor:
-    """Top-1 agreement (and accuracy drop with labels) against the reference model on calibration samples."""
-
-    def __init__(self, ctx: PassContext, opts: QuantOptions, model: onnx.ModelProto):
-        self.active = opts.min_top1_agreement is not None or opts.max_accuracy_drop is not None
-        self.min_agree = opts.min_top1_agreement
-        self.max_drop = opts.max_accuracy_drop
-        if not self.active:
-            return
-        self.feeds = list(itertools.islice(ctx.calib_batches(), opts.floor_samples))
-        ref = ctx.reference_model if ctx.reference_model is not None else model
-        rs = ort_session(ref, threads=ctx.threads, optimize=True)
-        self.ref_top = [run_session(rs, f)[0].reshape(1, -1).argmax(1) for f in self.feeds]
-        self.labels = None
-        if ctx.calib_labels is not None and len(ctx.calib_labels) >= len(self.feeds):
-            self.labels = np.asarray(ctx.calib_labels[: len(self.feeds)])
-        if self.max_drop is not None and self.labels is None:
-            raise EdgecError("max_accuracy_drop needs labelled calibration data (--data with labels)")
-        self.threads = ctx.threads
-
-    def measure(self, model: onnx.ModelProto) -> dict:
-        s = ort_session(model, threads=self.threads, optimize=True)
-        top = [run_session(s, f)[0].reshape(1, -1).argmax(1) for f in self.feeds]
-        agree = float(np.mean([a[0] == r[0] for a, r in zip(top, self.ref_top)]))
-        out = {"top1_agreement": agree, "samples": len(self.feeds)}
-        if self.labels is not None:
-            acc = float(np.mean([a[0] == y for a, y in zip(top, self.labels)])) * 100
-            ref_acc = float(np.mean([r[0] == y for r, y in zip(self.ref_top, self.labels)])) * 100
-            out.update(accuracy=acc, reference_accuracy=ref_acc, accuracy_drop=ref_acc - acc)
-        return out
-
-    def ok(self, m: dict) -> bool:
-        if self.min_agree is not None and m["top1_agreement"] < self.min_agree:
-            return False
-        if self.max_drop is not None and m.get("accuracy_drop", 0.0) > self.max_drop:
-            return False
-        return True
-
-
 @register_pass("quant", options=QuantOptions)
 def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassResult:
     """Mixed-bit Q/DQ: b = argmin sum_l S_{l,b_l} s.t. sum_l C_{l,b_l} <= budget (exact MCKP), per-dialect Q/DQ."""
     dialect: QuantDialect = ctx.quant_dialect or ORT_CPU
+    if opts.quantize_outputs:
+        dialect = dataclasses.replace(dialect, quantize_graph_outputs=True)
     stats: dict = {"dialect": dialect.name}
     m = model
     if opts.fold_pads:
@@ -357,25 +331,41 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
             stats["latency_met"] = best is not None
     qm, info = build(bits)
 
-    # ---- fidelity floor
-    floor = _Floor(ctx, opts, m)
+    # ---- fidelity floor: promote the most sensitive quantized layers (one step up their candidate list at a
+    # time, greedily by sensitivity) until the floor holds; the promotion sequence is fixed by the sensitivities,
+    # so bisect over its length instead of re-measuring after every step
+    floor = OutputFloor(ctx, opts.floor_spec, m)
     if floor.active:
-        meas = floor.measure(qm)
+        seq = [dict(bits)]
+        while any(b != 32 for b in seq[-1].values()):
+            cur = dict(seq[-1])
+            l = max((l for l in cur if cur[l] != 32), key=lambda l: (sens.get(l, {}).get(cur[l], 0.0), l))
+            up = [b for b in sorted(cands[l]) if b > cur[l]] or [32]
+            cur[l] = up[0] if up[0] in cands[l] else 32
+            seq.append(cur)
+        measured: dict[int, dict] = {}
+
+        def at(k: int) -> dict:
+            if k not in measured:
+                measured[k] = floor.measure(build(seq[k])[0])
+            return measured[k]
+
         steps = 0
-        order = sorted((l for l in bits if bits[l] != 32), key=lambda l: -(sens.get(l, {}).get(bits[l], 0.0)))
-        while not floor.ok(meas) and any(b != 32 for b in bits.values()):
-            # promote the most sensitive still-quantized layer one step up its candidate list
-            l = max((l for l in bits if bits[l] != 32), key=lambda l: sens.get(l, {}).get(bits[l], 0.0)) if sens else order[steps % len(order)]
-            up = [b for b in sorted(cands[l]) if b > bits[l]] or [32]
-            bits[l] = up[0] if up[0] in cands[l] else 32
-            qm, info = build(bits)
-            meas = floor.measure(qm)
-            steps += 1
-        stats["floor"] = {"min_top1_agreement": opts.min_top1_agreement, "max_accuracy_drop": opts.max_accuracy_drop,
-                          "measured": meas, "promotions": steps, "met": floor.ok(meas),
-                          "measured_on": "calibration samples"}
-        if not floor.ok(meas):
-            stats["floor"]["note"] = "even with every layer fp32 the floor is not met on these samples; returning the unquantized model"
+        if not floor.ok(at(0)):
+            lo, hi = 0, len(seq) - 1           # seq[lo] fails; seq[hi] (all fp32) is the reference itself
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                ctx.progress(f"quant: floor not met; trying {mid} promotion(s)")
+                lo, hi = (mid, hi) if not floor.ok(at(mid)) else (lo, mid)
+            steps = hi
+        bits = dict(seq[steps])
+        meas = at(steps)
+        qm, info = build(bits)
+        stats["floor"] = {**floor.describe(), "measured": meas, "promotions": steps, "met": floor.ok(meas),
+                          "measured_on": "calibration samples", "evaluations": len(measured)}
+        if not floor.ok(meas) or all(b == 32 for b in bits.values()):
+            stats["floor"]["note"] = ("the floor is met only with every layer fp32 on these samples; returning the "
+                                      "unquantized model")
             return PassResult(model, False, stats)
         if steps and solution is not None:
             stats["floor"]["budget_met"] = False

@@ -62,7 +62,8 @@ def measure_sensitivity(model: onnx.ModelProto, layers: list[Layer], candidates:
     key = None
     path = None
     if cache_dir:
-        key = cache_key(model, dialect=dialect.name, candidates=candidates, metric=metric, weight_method=weight_method,
+        key = cache_key(model, dialect=dialect.name, graph_outputs=dialect.quantize_graph_outputs, candidates=candidates,
+                        metric=metric, weight_method=weight_method,
                         bias_correction=bias_correction, samples=len(feeds), weight_only=weight_only,
                         ranges={k: [round(float(v[0]), 7), round(float(v[1]), 7)] for k, v in sorted(act_ranges.items())},
                         extra=cache_extra or {})

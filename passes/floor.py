@@ -1,0 +1,127 @@
+"""Fidelity floors shared by the compression passes: a candidate is accepted only if, on calibration samples and
+against the reference (original FP32) model, it keeps
+
+  top-1 agreement >= min_top1_agreement        (the first classifier-shaped output: 2-D [N, C], C >= 2)
+  accuracy drop   <= max_accuracy_drop          (points; needs calibration labels)
+  cosine(output)  >= min_cosine for each output in scope, cosine averaged over samples as in pipeline.fidelity
+
+`cosine_scope` says which outputs the cosine floor holds:
+  all           every output;
+  dense_models  every output, but only for models with at least one output that is not classifier-shaped
+                (detectors, segmenters, encoders, multi-head models); a pure classifier is judged by its decisions
+                (agreement / accuracy) alone, so a speed-tuned recipe can trade logit cosine for latency there.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from pipeline.errors import EdgecError
+
+COSINE_SCOPES = ("all", "dense_models")
+
+
+@dataclass(frozen=True)
+class FloorSpec:
+    min_top1_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+    min_cosine: float | None = None
+    cosine_scope: str = "all"
+    samples: int = 64
+
+    def __post_init__(self):
+        for nm in ("min_top1_agreement", "min_cosine"):
+            v = getattr(self, nm)
+            if v is not None and not (isinstance(v, (int, float)) and -1.0 <= float(v) <= 1.0):
+                raise ValueError(f"{nm} must be a number in [0, 1], got {v!r}")
+        if self.cosine_scope not in COSINE_SCOPES:
+            raise ValueError(f"cosine_scope must be one of {', '.join(COSINE_SCOPES)}, got {self.cosine_scope!r}")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"floor samples must be a positive integer, got {self.samples!r}")
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.min_top1_agreement, self.max_accuracy_drop, self.min_cosine))
+
+
+def _classifier_shaped(a: np.ndarray) -> bool:
+    return a.ndim == 2 and a.shape[1] >= 2
+
+
+class OutputFloor:
+    """Measures a candidate against the reference outputs (computed once) and says whether the floor holds."""
+
+    def __init__(self, ctx, spec: FloorSpec, model: onnx.ModelProto):
+        from pipeline.onnx_io import ort_session, run_session
+
+        self.spec = spec
+        self.active = spec.active
+        if not self.active:
+            return
+        self.threads = ctx.threads
+        self.feeds = list(itertools.islice(ctx.calib_batches(), spec.samples))
+        if not self.feeds:
+            raise EdgecError("the fidelity floor needs calibration samples (none were given)")
+        ref = ctx.reference_model if ctx.reference_model is not None else model
+        rs = ort_session(ref, threads=ctx.threads, optimize=True)
+        self.names = [o.name for o in rs.get_outputs()]
+        self.ref = [run_session(rs, f) for f in self.feeds]
+        shapes = [np.asarray(o) for o in self.ref[0]]
+        self.cls_index = next((i for i, a in enumerate(shapes) if _classifier_shaped(a)), None)
+        dense = any(not _classifier_shaped(a) for a in shapes)
+        self.cosine_outputs = [] if spec.min_cosine is None else \
+            (self.names if spec.cosine_scope == "all" or dense else [])
+        self.active = bool(self.cosine_outputs) or spec.min_top1_agreement is not None \
+            or spec.max_accuracy_drop is not None
+        self.labels = None
+        if ctx.calib_labels is not None and len(ctx.calib_labels) >= len(self.feeds):
+            self.labels = np.asarray(ctx.calib_labels[: len(self.feeds)])
+        if spec.max_accuracy_drop is not None and self.labels is None:
+            raise EdgecError("max_accuracy_drop needs labelled calibration data (--data with labels)")
+        if self.cls_index is None and (spec.min_top1_agreement is not None or spec.max_accuracy_drop is not None) \
+                and spec.min_cosine is None:
+            raise EdgecError("min_top1_agreement / max_accuracy_drop need a classifier output ([N, C]); this model has "
+                             f"none ({', '.join(self.names)}): use min_cosine")
+
+    def measure(self, model: onnx.ModelProto) -> dict:
+        from pipeline.fidelity import Comparator
+        from pipeline.onnx_io import ort_session, run_session
+
+        s = ort_session(model, threads=self.threads, optimize=True)
+        comp = Comparator(self.names)
+        for i, (f, r) in enumerate(zip(self.feeds, self.ref)):
+            lab = None if self.labels is None else np.asarray([self.labels[i]])
+            comp.update(run_session(s, f), r, lab)
+        per = comp.result()["per_output"]
+        out: dict = {"samples": len(self.feeds)}
+        if self.cls_index is not None:
+            c = per[self.names[self.cls_index]]
+            out["top1_agreement"] = c["top1_agreement"]
+            if "accuracy" in c:
+                out.update(accuracy=100 * c["accuracy"], reference_accuracy=100 * c["reference_accuracy"],
+                           accuracy_drop=100 * (c["reference_accuracy"] - c["accuracy"]))
+        if self.cosine_outputs:
+            out["cosine"] = {n: round(per[n]["cosine"], 6) for n in self.cosine_outputs}
+        return out
+
+    def ok(self, m: dict) -> bool:
+        sp = self.spec
+        if sp.min_top1_agreement is not None and "top1_agreement" in m and m["top1_agreement"] < sp.min_top1_agreement:
+            return False
+        if sp.max_accuracy_drop is not None and m.get("accuracy_drop", 0.0) > sp.max_accuracy_drop:
+            return False
+        if sp.min_cosine is not None and any(c < sp.min_cosine for c in m.get("cosine", {}).values()):
+            return False
+        return True
+
+    def describe(self) -> dict:
+        sp = self.spec
+        d = {k: v for k, v in (("min_top1_agreement", sp.min_top1_agreement), ("max_accuracy_drop", sp.max_accuracy_drop),
+                               ("min_cosine", sp.min_cosine)) if v is not None}
+        if sp.min_cosine is not None:
+            d["cosine_scope"] = sp.cosine_scope
+            d["cosine_outputs"] = list(self.cosine_outputs)
+        return d

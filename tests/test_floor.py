@@ -1,0 +1,139 @@
+"""Fidelity floors (passes/floor.py) in the prune and quant passes: per-output cosine on dense models, scope rules,
+and the guarantee that a pass never returns a model below its floor (checked with an independent cosine in ORT)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import tests.prune_models as pm
+from passes.base import PassContext, get_pass, make_options
+from passes.floor import FloorSpec, OutputFloor
+from pipeline.errors import EdgecError
+from pipeline.onnx_io import ort_session
+
+
+def dense_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv chain whose output is a feature map (1, 16, 8, 8): no classifier head."""
+    b = pm.GraphBuilder(seed=seed)
+    x = b.act(b.conv("input", 3, 16), "relu")
+    x = b.act(b.conv(x, 16, 24), "relu")
+    x = b.act(b.conv(x, 24, 24), "relu")
+    m = b.build(b.conv(x, 24, 16), out_shape=(1, 16, 8, 8))
+    ident = m.graph.node[-1]  # the builder's final Identity: let the last Conv write the graph output (as cleanup does)
+    assert ident.op_type == "Identity"
+    m.graph.node[-2].output[0] = ident.output[0]
+    m.graph.node.remove(ident)
+    onnx.checker.check_model(m)
+    return m
+
+
+def _feeds(n: int, seed: int = 3) -> list[dict]:
+    r = np.random.default_rng(seed)
+    return [{"input": r.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _ctx(m, n=16):
+    feeds = _feeds(n)
+    return PassContext(calib_batches=lambda: iter(feeds), reference_model=m)
+
+
+def _cosine(a: onnx.ModelProto, b: onnx.ModelProto, feeds) -> float:
+    """Mean over samples of <ya, yb> / (|ya| |yb|), both run with ORT graph optimizations off."""
+    sa, sb = ort_session(a, optimize=False), ort_session(b, optimize=False)
+    vals = []
+    for f in feeds:
+        x, y = sa.run(None, f)[0].ravel().astype(np.float64), sb.run(None, f)[0].ravel().astype(np.float64)
+        vals.append(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+    return float(np.mean(vals))
+
+
+def _run(name, m, ctx, **opts):
+    spec = get_pass(name)
+    return spec.fn(m, ctx, make_options(spec, opts))
+
+
+@pytest.mark.parametrize("scope,model,expect", [
+    ("dense_models", "classifier", []), ("all", "classifier", ["output"]),
+    ("dense_models", "dense", ["output"]), ("all", "dense", ["output"])])
+def test_cosine_scope(scope, model, expect):
+    m = pm.chain() if model == "classifier" else dense_model()
+    fl = OutputFloor(_ctx(m), FloorSpec(min_cosine=0.99, cosine_scope=scope, samples=4), m)
+    assert fl.cosine_outputs == expect
+    assert fl.active == bool(expect)
+    meas = fl.measure(m)
+    assert all(abs(c - 1.0) < 1e-6 for c in meas.get("cosine", {}).values())
+    assert fl.ok(meas)
+
+
+def test_agreement_floor_needs_a_classifier_output():
+    m = dense_model()
+    with pytest.raises(EdgecError, match="classifier output"):
+        OutputFloor(_ctx(m), FloorSpec(min_top1_agreement=0.5, samples=4), m)
+    with pytest.raises(ValueError, match="cosine_scope"):
+        FloorSpec(min_cosine=0.9, cosine_scope="some")
+
+
+def test_prune_relaxes_budget_to_hold_cosine_floor():
+    m = dense_model()
+    ctx = _ctx(m)
+    common = dict(target_macs=0.3, criterion="l1", allocation="uniform", recovery="none", round_to=1,
+                  protect_residual=False)
+    free = _run("prune", m, ctx, **common)
+    held = _run("prune", m, ctx, **common, min_cosine=0.98, floor_samples=8, floor_steps=5)
+    feeds = _feeds(8)
+    assert _cosine(free.model, m, feeds) < 0.98        # the budget alone breaks the floor ...
+    fl = held.stats["floor"]
+    assert fl["met"] and not fl["history"][0]["ok"] and "relaxed" in fl["note"]
+    assert _cosine(held.model, m, feeds) >= 0.98 - 1e-6  # ... the floor holds (same samples, optimizations off)
+    assert free.stats["macs_ratio"] < held.stats["macs_ratio"] < 1.0  # and it still removes channels
+
+
+def test_prune_floor_unreachable_returns_input():
+    m = dense_model()
+    res = _run("prune", m, _ctx(m), target_macs=0.3, criterion="l1", allocation="uniform", recovery="none",
+               round_to=1, min_cosine=1.0, floor_samples=4, floor_steps=2)
+    assert not res.modified and res.model is m and res.stats["floor"]["met"] is False
+
+
+def test_quant_cosine_floor_bisects_promotions(tmp_path):
+    m = dense_model()
+    ctx = _ctx(m, n=24)
+    ctx.cache_dir = str(tmp_path)
+    common = dict(target_bits_per_weight=2.5, calib_samples=16, sensitivity_samples=8, pareto_points=3)
+    free = _run("quant", m, ctx, **common)
+    held = _run("quant", m, ctx, **common, min_cosine=0.999, floor_samples=24)
+    feeds = _feeds(24)
+    assert _cosine(free.model, m, feeds) < 0.999
+    fl = held.stats["floor"]
+    assert fl["met"] and fl["promotions"] >= 1 and fl["cosine_outputs"] == ["output"]
+    # bisection over the promotion sequence: about log2(steps) evaluations, never one per promotion
+    n_layers = len(held.stats["bits"])
+    assert fl["evaluations"] <= int(np.ceil(np.log2(3 * n_layers + 1))) + 2
+    assert _cosine(held.model, m, feeds) >= 0.999 - 1e-6
+    assert any(b != 32 for b in held.stats["bits"].values())
+
+
+@pytest.mark.parametrize("quantize_outputs", [False, True])
+def test_quantize_outputs_lets_the_output_layer_run_int8(tmp_path, quantize_outputs):
+    """A Conv writing a graph output has no int8 kernel unless the output gets Q/DQ (the DQ keeps its name)."""
+    from targets.ort_latency import OrtLatencyProbe
+
+    m = dense_model()
+    ctx = _ctx(m, n=16)
+    ctx.cache_dir = str(tmp_path)
+    ctx.target_probe = OrtLatencyProbe(1, str(tmp_path), runs=3)
+    r = _run("quant", m, ctx, calib_samples=16, quantize_outputs=quantize_outputs)
+    last = [n for n in m.graph.node if n.op_type == "Conv"][-1]
+    last_layer = next(l for l in r.stats["bits"] if l in (last.name, last.output[0]))
+    assert [o.name for o in r.model.graph.output] == ["output"]
+    producer = next(n for n in r.model.graph.node if "output" in n.output)
+    if quantize_outputs:
+        assert r.stats["bits"][last_layer] == 8 and producer.op_type == "DequantizeLinear"
+        assert r.stats["effective_precision"][last_layer].startswith("int8")
+        assert "kept_fp32_no_int8_kernel" not in r.stats
+    else:
+        assert r.stats["bits"][last_layer] == 32 and producer.op_type == "Conv"
+        assert r.stats["kept_fp32_no_int8_kernel"] == [last_layer]
+    assert _cosine(r.model, m, _feeds(16)) >= 0.999
+    assert sum(1 for n in r.model.graph.node if n.op_type == "QuantizeLinear") == 4 + int(quantize_outputs)
