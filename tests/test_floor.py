@@ -137,3 +137,18 @@ def test_quantize_outputs_lets_the_output_layer_run_int8(tmp_path, quantize_outp
         assert r.stats["kept_fp32_no_int8_kernel"] == [last_layer]
     assert _cosine(r.model, m, _feeds(16)) >= 0.999
     assert sum(1 for n in r.model.graph.node if n.op_type == "QuantizeLinear") == 4 + int(quantize_outputs)
+
+
+def test_quantize_outputs_leaves_classifier_logits_float(tmp_path):
+    """[N, C] outputs are exempt: the Gemm writing the logits stays fp32 even with quantize_outputs."""
+    m = pm.chain()
+    ident = m.graph.node[-1]
+    m.graph.node[-2].output[0] = ident.output[0]
+    m.graph.node.remove(ident)
+    ctx = _ctx(m)
+    ctx.cache_dir = str(tmp_path)
+    r = _run("quant", m, ctx, calib_samples=16, quantize_outputs=True, kernel_check=False)
+    r0 = _run("quant", m, ctx, calib_samples=16, quantize_outputs=False, kernel_check=False)
+    producer = next(n for n in r.model.graph.node if "output" in n.output)
+    assert producer.op_type == "Gemm"
+    assert pm.op_counts(r.model) == pm.op_counts(r0.model)

@@ -218,3 +218,32 @@ def test_random_architectures_exact(blocks, data):
         assert len(pruned.graph.node) == len(model.graph.node)
         return
     _check(model, zeroed, pruned, groups, keep)
+
+
+def test_exact_transformer_mlp_hidden_channels():
+    """[B, S, D] MatMul attention block: the graph input seeds its sequence axis, which closes at the first MatMul;
+    the MLP hidden channels (MatMul -> bias Add -> Erf-GELU -> MatMul) still form a prunable group, and removing
+    consumer-zeroed channels is exact on both outputs (hidden states and logits)."""
+    import onnx.tools.update_model_dims as U
+
+    from pipeline.onnx_io import ort_session
+    from tests import realworld_models as rw
+
+    model = U.update_inputs_outputs_dims(rw.attention_model(), {"tokens": [1, 16, 32]},
+                                         {"hidden": [1, 16, 32], "logits": [1, 10]})
+    model = onnx.shape_inference.infer_shapes(model)
+    groups = analyze(model)
+    mlp = [g for g in groups if g.prunable]
+    assert [g.size for g in mlp] == [128] and len(mlp[0].producers) == 1 and len(mlp[0].consumers) == 1
+    rm = np.arange(0, 128, 3)
+    zeroed = pm.zero_consumer_inputs(model, consumer_layers(model, mlp[0]), rm)
+    keep = {mlp[0].id: np.setdiff1d(np.arange(128), rm)}
+    pruned, stats = remove_channels(zeroed, keep, groups)
+    x = {"tokens": np.random.default_rng(1).standard_normal((1, 16, 32)).astype(np.float32)}
+    y0, yz, yp = (ort_session(m, optimize=False).run(None, x) for m in (model, zeroed, pruned))
+    for a0, az, ap in zip(y0, yz, yp):
+        assert pm.rel_diff(az, a0) > 1e-4
+        assert pm.rel_diff(ap, az) <= RTOL
+    onnx.checker.check_model(pruned, full_check=True)
+    assert pm.op_counts(pruned) == pm.op_counts(model)
+    assert count_costs(pruned).macs < count_costs(model).macs

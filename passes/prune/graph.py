@@ -678,7 +678,13 @@ def _h_matmul(an: _Analysis, i, n):
         an.set_layout(out, lay.axis, lay.elems)
         an.macs.append(_Mac(i, [out]))
     else:
-        raise _Unsupported("channels on the MatMul row axis")
+        # the tracked axis is the row axis (e.g. the sequence axis of a [B, S, D] graph input seeded as axis 1):
+        # those elements stop here, but the last axis of the output is still this layer's own output channels
+        an.close(a, f"channels on the MatMul row axis (MatMul node {name})")
+        an.set_layout(out, r - 1, an.new_root(B.shape[1]))
+        an.slices.append(_Slice(i, 1, 1, out))
+        an.refs.append((out, ChannelRef(name, n.op_type, "out", b)))
+        an.macs.append(_Mac(i, [out]))
 
 
 def _h_bn(an: _Analysis, i, n):

@@ -31,7 +31,7 @@ class QuantDialect:
     int32_bias: bool = True                   # w8a8 bias as int32 DequantizeLinear (ORT); float bias for TensorRT
     # Q/DQ on a graph output written by an int8 layer (the DQ keeps the output's name) so the layer itself runs
     # as an integer kernel (QLinearConv -> DequantizeLinear) instead of staying fp32; costs one 8-bit rounding
-    # of that output. Set per run by the quant pass option `quantize_outputs`.
+    # of that output. Set per run by the quant pass option `quantize_outputs`. Rank-2 ([N, C]) outputs are exempt.
     quantize_graph_outputs: bool = False
 
     def __post_init__(self):

@@ -202,6 +202,8 @@ def plan_activations(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
     producers = _producers(model)
     inits = {i.name for i in model.graph.initializer}
     graph_outs = {o.name for o in model.graph.output}
+    # classifier-shaped outputs ([N, C]) stay float: rounding logits decides near-ties, and their Gemm is small
+    logits_outs = {o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 2}
     q: list[str] = []
     seen = set()
 
@@ -214,7 +216,7 @@ def plan_activations(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
         if bits.get(L.name, 32) == 8:
             add(L.input)
             op = output_point(model, L, consumers)
-            if op not in graph_outs or dialect.quantize_graph_outputs:
+            if op not in graph_outs or (dialect.quantize_graph_outputs and op not in logits_outs):
                 add(op)
     alias: dict[str, str] = {}
     changed = True
