@@ -28,7 +28,8 @@ class Costs:
         return {"macs": int(self.macs), "params": int(self.params)}
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """{tensor: dims} from ONNX shape inference with data propagation (-1 for unknown dims)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -69,7 +70,7 @@ _MAC_OPS = ("Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "Gemm", "MatM
 def count_costs(model: onnx.ModelProto, _folded: bool = False) -> Costs:
     """MACs and params; if shape arithmetic hides static shapes (e.g. dynamic 'same' padding), count on a
     constant-folded copy (onnxslim), which has the same MACs."""
-    shapes = _shapes(model)
+    shapes = static_shapes(model)
     if not _folded and any(n.op_type in _MAC_OPS and not _static(shapes.get(n.output[0])) for n in model.graph.node):
         try:
             import onnxslim

@@ -139,6 +139,14 @@ def render_markdown(r: dict) -> str:
             got = ", ".join([f"top-1 {meas['top1_agreement']:.3f}"] if "top1_agreement" in meas else []) + \
                 "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items())
             L.append(f"| {name} | {spec} | {got.lstrip('; ')} | {fl.get('met')} | {fl.get('note', '')} |")
+    posts = [(s["name"], s["stats"]["postprocess"]) for s in r["passes"] if (s.get("stats") or {}).get("postprocess")]
+    if posts:
+        L += ["", "### Decode / post-processing region (left in float, never pruned)", ""]
+        for name, p in posts:
+            ops = ", ".join(f"{k} x{v}" for k, v in p.get("ops", {}).items())
+            extra = (f"; layers kept fp32: {', '.join(p['layers_fp32'])}" if p.get("layers_fp32") else "") + \
+                (f"; channel groups closed: {len(p['groups_closed'])}" if p.get("groups_closed") else "")
+            L.append(f"- {name}: {p['nodes']} nodes from {', '.join(p['seeds'])} ({ops}){extra}")
     for s in r["passes"]:
         for k, v in (s.get("stats") or {}).items():
             if k.endswith("_png") and isinstance(v, str):

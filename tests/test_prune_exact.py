@@ -220,18 +220,25 @@ def test_random_architectures_exact(blocks, data):
     _check(model, zeroed, pruned, groups, keep)
 
 
-def test_exact_transformer_mlp_hidden_channels():
-    """[B, S, D] MatMul attention block: the graph input seeds its sequence axis, which closes at the first MatMul;
-    the MLP hidden channels (MatMul -> bias Add -> Erf-GELU -> MatMul) still form a prunable group, and removing
-    consumer-zeroed channels is exact on both outputs (hidden states and logits)."""
+@pytest.mark.parametrize("form", ["matmul", "cleaned"])
+def test_exact_transformer_mlp_hidden_channels(form):
+    """[B, S, D] MatMul attention block: the graph input seeds its sequence axis, which closes at the first MatMul
+    (or, after cleanup turned MatMul + Add into Reshape -> Gemm -> Reshape, at the Gemm's row axis); the MLP hidden
+    channels (linear -> Erf-GELU -> linear) still form a prunable group, and removing consumer-zeroed channels is
+    exact on both outputs (hidden states and logits)."""
     import onnx.tools.update_model_dims as U
 
+    from passes.base import PassContext, get_pass, make_options
     from pipeline.onnx_io import ort_session
     from tests import realworld_models as rw
 
     model = U.update_inputs_outputs_dims(rw.attention_model(), {"tokens": [1, 16, 32]},
                                          {"hidden": [1, 16, 32], "logits": [1, 10]})
     model = onnx.shape_inference.infer_shapes(model)
+    if form == "cleaned":
+        spec = get_pass("cleanup")
+        model = spec.fn(model, PassContext(calib_batches=lambda: iter(())), make_options(spec, {})).model
+        assert pm.op_counts(model)["Gemm"] >= 4 and pm.op_counts(model)["MatMul"] == 2
     groups = analyze(model)
     mlp = [g for g in groups if g.prunable]
     assert [g.size for g in mlp] == [128] and len(mlp[0].producers) == 1 and len(mlp[0].consumers) == 1

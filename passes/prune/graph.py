@@ -138,7 +138,7 @@ class _Analysis:
         self.model = model
         g = model.graph
         self.nodes = [_copy_node(n) for n in g.node]
-        self.names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(self.nodes)]
+        self.names = node_names(self.nodes)
         self.consts: dict[str, np.ndarray] = {}
         for init in g.initializer:
             self.consts[init.name] = numpy_helper.to_array(init)
@@ -507,6 +507,11 @@ def _attr(node, name, default=None):
     return default
 
 
+def node_names(nodes) -> list[str]:
+    """How groups name nodes: the node's name, or op_type_index for unnamed nodes."""
+    return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(nodes)]
+
+
 def _norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
@@ -634,13 +639,19 @@ def _h_gemm(an: _Analysis, i, n):
     lay = an.layouts.get(a)
     if B is None or B.ndim != 2 or lay is None:
         raise _Unsupported("Gemm needs a tracked A and a constant 2-D B")
-    if int(_attr(n, "transA", 0)) or lay.axis != 1:
+    if int(_attr(n, "transA", 0)):
         raise _Unsupported("transposed A")
+    name, out = an.names[i], n.output[0]
+    # tracked elements on the row axis (e.g. the sequence axis of a [S, D] token matrix that a MatMul + Add became
+    # after cleanup): they stop here, but the output columns are still this layer's own channels
+    on_rows = lay.axis != 1
+    if on_rows:
+        an.close(a, f"channels on the Gemm row axis (Gemm node {name})")
     tb = int(_attr(n, "transB", 0))
     N = B.shape[0] if tb else B.shape[1]
-    name, out = an.names[i], n.output[0]
     an.set_layout(out, 1, an.new_root(N))
-    an.slices.append(_Slice(i, 1, 1 if tb else 0, a))
+    if not on_rows:
+        an.slices.append(_Slice(i, 1, 1 if tb else 0, a))
     an.slices.append(_Slice(i, 1, 0 if tb else 1, out))
     if len(n.input) > 2 and n.input[2]:
         C = an.const(n.input[2])
@@ -650,9 +661,10 @@ def _h_gemm(an: _Analysis, i, n):
             an.slices.append(_Slice(i, 2, C.ndim - 1, out))
         if C.ndim == 2 and C.shape[0] > 1:
             raise _Unsupported("C varies along rows")
-    an.refs.append((a, ChannelRef(name, n.op_type, "in", b)))
+    if not on_rows:
+        an.refs.append((a, ChannelRef(name, n.op_type, "in", b)))
     an.refs.append((out, ChannelRef(name, n.op_type, "out", b)))
-    an.macs.append(_Mac(i, [out, a]))
+    an.macs.append(_Mac(i, [out] if on_rows else [out, a]))
 
 
 def _h_matmul(an: _Analysis, i, n):

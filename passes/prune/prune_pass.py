@@ -543,6 +543,24 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
     return pruned, a, keep_idx, rstats, stats, (bm, bp)
 
 
+def _close_postprocess(model, groups) -> dict | None:
+    """Groups with a member in the decode / post-processing region (passes/regions.py) are not pruned."""
+    from passes.prune.graph import node_names
+    from passes.regions import find_postprocess
+
+    post = find_postprocess(model)
+    if not post.nodes:
+        return None
+    names = node_names(model.graph.node)
+    inside = {names[i] for i in post.indices}
+    closed = []
+    for g in groups:
+        if g.prunable and any(r.node in inside for r in g.producers + g.consumers + g.others):
+            g.prunable, g.reason = False, "member of the decode / post-processing region"
+            closed.append(g.id)
+    return {**post.summary(model), "groups_closed": closed}
+
+
 @register_pass("prune", options=PruneOptions)
 def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassResult:
     """keep_g = allocation(score(g), budget); remove the rest; refit consumers: min |W x_pruned + b - y_original|^2."""
@@ -552,11 +570,13 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
     model, folded = fold_small_constants(model)
     with _memo_analysis():
         groups = analyze(model)
+        post = _close_postprocess(model, groups)
         prunable = _candidates(groups, opts)
         if not prunable and not opts.strict_budget:
             reasons = sorted({g.reason for g in groups if not g.prunable and g.reason})[:5]
             return PassResult(model, folded > 0 if isinstance(folded, int) else bool(folded),
-                              {"skipped": "no prunable channel groups", "reasons": reasons, "groups": len(groups)})
+                              {"skipped": "no prunable channel groups", "reasons": reasons, "groups": len(groups),
+                               **({"postprocess": post} if post else {})})
         ctx.progress(f"prune: {len(prunable)}/{len(groups)} prunable groups; scoring by {opts.criterion}")
         scores, notes, acts = score_groups(model, [g for g in groups if g.prunable and g.size >= 2], opts.criterion,
                                            ctx, opts)
@@ -616,6 +636,8 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
     }
     if lat:
         out_stats["latency_search"] = lat
+    if post:
+        out_stats["postprocess"] = post
     return PassResult(pruned, modified=bool(keep_idx), stats=out_stats)
 
 

@@ -26,6 +26,7 @@ from calib.stats import collect_stats
 from passes.base import PassContext, PassResult, register_pass
 from passes.costs import count_costs
 from passes.floor import FloorSpec, OutputFloor
+from passes.regions import find_postprocess
 from passes.quant import allocate
 from passes.quant.dialect import ORT_CPU, QuantDialect
 from passes.quant.qdq import Layer, find_layers, fold_pads, insert_qdq, op_counts, plan_activations, weight_bits
@@ -177,6 +178,13 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     if not layers:
         return PassResult(model, False, {**stats, "reason": "no quantizable layers (Conv/Gemm/MatMul with constant weights)"})
     names = {L.name for L in layers}
+    post = find_postprocess(m)
+    if post.nodes:
+        # decode / post-processing region (passes/regions.py): its layers (e.g. a YOLO DFL conv) stay fp32
+        fixed32 = sorted(L.name for L in layers if L.name in post.nodes)  # both name nodes by name or output[0]
+        stats["postprocess"] = {**post.summary(m), "layers_fp32": fixed32}
+        if fixed32:
+            opts = dataclasses.replace(opts, keep_fp32=tuple(opts.keep_fp32) + tuple(fixed32))
     unknown = sorted((set(opts.layer_bits or {}) | set(opts.keep_fp32)) - names)
     if unknown:
         raise EdgecError(f"unknown layer(s) in layer_bits/keep_fp32: {', '.join(unknown[:5])}; "
@@ -282,9 +290,11 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
             unit, xlabel = 1.0, "latency ms (per-layer table" + (", measured" if probe is not None else ", proxy") + ")"
         stats["budget"] = {"kind": kind, "value": budget * unit}
         lo = allocate.min_cost(cost, sens) + fixed
+        clamped = False
         if budget < lo:
             stats["budget_note"] = f"budget {budget * unit:.6g} below the smallest achievable {lo * unit:.6g}; using the smallest"
             budget = lo
+            clamped = True
         solution = allocate.solve(sens, cost, budget, fixed_cost=fixed, what=kind)
         bits = dict(solution.bits)
         # ---- Pareto curve + plot
@@ -318,8 +328,8 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
                 if meas <= target * 1.02:
                     if best is None or solution.objective < best.objective:
                         best = solution
-                    if meas >= 0.97 * target:
-                        break
+                    if meas >= 0.97 * target or clamped:
+                        break  # on target; or the target was unreachable: the fastest mix, no headroom to spend
                 new_budget = min(max(budget * target / meas, lo), hi)
                 sol = allocate.solve(sens, cost, new_budget, fixed_cost=fixed, what=kind)
                 if sol.bits == bits:

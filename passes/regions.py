@@ -1,0 +1,93 @@
+"""Post-processing (decode) regions: the part of a detector after its feature maps are flattened into anchors.
+
+Rule: region = forward closure (toward the graph outputs) of
+  * every NonMaxSuppression / TopK / NonZero node, and
+  * every "anchor flatten": a Reshape taking a rank-4 feature map with a spatial grid (H*W >= 2) to rank 3,
+    kept only if its closure holds almost no learned weights (<= 1% of the model's Conv/Gemm/MatMul weights:
+    a YOLO DFL 1x1 conv qualifies, a transformer after a patch flatten does not) and reaches a graph output.
+Nodes in the region are left in float and never pruned: box arithmetic against anchor grids and strides, score
+selection and NMS lose more from 8-bit rounding and channel surgery than they cost in time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from passes.costs import static_shapes
+
+SELECT_OPS = {"NonMaxSuppression", "TopK", "NonZero"}
+LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass
+class Region:
+    nodes: set[str] = field(default_factory=set)       # node names (or output[0] for unnamed nodes)
+    indices: set[int] = field(default_factory=set)     # positions in model.graph.node
+    seeds: list[str] = field(default_factory=list)     # the flatten / selection nodes it starts from
+    weights: int = 0                                   # learned weights inside (e.g. the DFL conv)
+
+    def summary(self, model: onnx.ModelProto) -> dict:
+        ops: dict[str, int] = {}
+        for n in model.graph.node:
+            if node_key(n) in self.nodes:
+                ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        return {"nodes": len(self.nodes), "seeds": self.seeds, "weights": self.weights, "ops": dict(sorted(ops.items()))}
+
+
+def node_key(n: onnx.NodeProto) -> str:
+    return n.name or (n.output[0] if n.output else "")
+
+
+def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01) -> Region:
+    """The decode region of `model` (empty for classifiers, segmenters, transformers)."""
+    g = model.graph
+    nodes = list(g.node)
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            if x:
+                consumers.setdefault(x, []).append(i)
+    inits = {t.name: t for t in g.initializer}
+    outs = {o.name for o in g.output}
+
+    def weight_count(n: onnx.NodeProto) -> int:
+        if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in inits:
+            return int(np.prod(inits[n.input[1]].dims))
+        return 0
+
+    total = sum(weight_count(n) for n in nodes)
+
+    def closure(start: int) -> set[int]:
+        seen, stack = set(), [start]
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            for o in nodes[i].output:
+                stack.extend(consumers.get(o, []))
+        return seen
+
+    def reaches_output(idx: set[int]) -> bool:
+        return any(o in outs for i in idx for o in nodes[i].output)
+
+    shapes = static_shapes(model)
+    region, seeds, weights = set(), [], 0
+    for i, n in enumerate(nodes):
+        c = None
+        if n.op_type in SELECT_OPS:
+            c = closure(i)
+        elif n.op_type == "Reshape":
+            si, so = shapes.get(n.input[0]), shapes.get(n.output[0])
+            if si and so and len(si) == 4 and len(so) == 3 and all(d > 0 for d in si) and si[2] * si[3] >= 2:
+                c = closure(i)
+                w = sum(weight_count(nodes[k]) for k in c)
+                if w > max_weight_fraction * total or not reaches_output(c):
+                    c = None
+        if c is not None and i not in region:
+            seeds.append(node_key(n))
+            region |= c
+    weights = sum(weight_count(nodes[k]) for k in region)
+    return Region({node_key(nodes[k]) for k in region}, set(region), seeds, weights)
