@@ -54,12 +54,13 @@ def _classifier_shaped(a: np.ndarray) -> bool:
 class OutputFloor:
     """Measures a candidate against the reference outputs (computed once) and says whether the floor holds."""
 
-    def __init__(self, ctx, spec: FloorSpec, model: onnx.ModelProto):
+    def __init__(self, ctx, spec: FloorSpec, model: onnx.ModelProto, always: bool = False):
+        """always=True prepares the samples even without a floor (a search that scores every candidate)."""
         from pipeline.onnx_io import ort_session, run_session
 
         self.spec = spec
         self.active = spec.active
-        if not self.active:
+        if not self.active and not always:
             return
         self.threads = ctx.threads
         self.feeds = list(itertools.islice(ctx.calib_batches(), spec.samples))

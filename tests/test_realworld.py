@@ -84,6 +84,14 @@ def test_realworld_compiles_with_per_output_fidelity(name, recipe, models, tmp_p
         assert f["rel_l2"] <= (1e-3 if RECIPES[recipe] > 0.999 else 0.2), (oname, f)
         assert np.isfinite(f["rel_l2"]) and np.isfinite(f["max_abs"])
     md = (out / "report.md").read_text()
+    stats = {p["name"]: p.get("stats") or {} for p in report["passes"]}
+    if name == "ultralytics_detector" and "quant" in stats:  # the DFL conv is in the decode region: fp32
+        post = stats["quant"]["postprocess"]
+        assert len(post["layers_fp32"]) == 1 and post["ops"].get("Softmax") == 1
+        assert stats["quant"]["bits"][post["layers_fp32"][0]] == 32
+        if recipe == "quant":  # all-int8 recipe: everything else is int8
+            assert sum(1 for b in stats["quant"]["bits"].values() if b == 8) == len(stats["quant"]["bits"]) - 1
+        assert "Decode / post-processing region" in md
     for oname in per:
         assert f"| {oname} |" in md, "per-output fidelity table missing from report.md"
     assert json.loads((out / "report.json").read_text())["fidelity"]["per_output"] == json.loads(json.dumps(per))

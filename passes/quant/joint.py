@@ -25,12 +25,12 @@ import numpy as np
 import onnx
 
 from passes.base import PassContext, PassResult, get_pass, make_options, register_pass
+from passes.floor import FloorSpec, OutputFloor
 from passes.quant import allocate
 from passes.quant.dialect import ORT_CPU
 from passes.quant.qdq import find_layers, insert_qdq, weight_bits
 from passes.quant.sensitivity import measure_sensitivity
 from pipeline.errors import EdgecError
-from pipeline.onnx_io import ort_session, run_session
 
 log = logging.getLogger(__name__)
 BITS = (8, 4, 3, 2)
@@ -65,33 +65,6 @@ def _wbits(model: onnx.ModelProto, bits: dict[str, int]) -> float:
     return float(sum(weight_bits(find_layers(model), bits).values()))
 
 
-class _Eval:
-    def __init__(self, ctx: PassContext, ref: onnx.ModelProto, n: int):
-        self.feeds = list(itertools.islice(ctx.calib_batches(), n))
-        rs = ort_session(ref, threads=ctx.threads, optimize=True)
-        self.ref = [run_session(rs, f)[0].reshape(1, -1).argmax(1)[0] for f in self.feeds]
-        self.labels = None if ctx.calib_labels is None else np.asarray(ctx.calib_labels[: len(self.feeds)])
-        self.threads = ctx.threads
-
-    def __call__(self, model: onnx.ModelProto) -> dict:
-        s = ort_session(model, threads=self.threads, optimize=True)
-        top = [run_session(s, f)[0].reshape(1, -1).argmax(1)[0] for f in self.feeds]
-        out = {"top1_agreement": float(np.mean([a == r for a, r in zip(top, self.ref)]))}
-        if self.labels is not None:
-            acc = float(np.mean([a == y for a, y in zip(top, self.labels)])) * 100
-            racc = float(np.mean([r == y for r, y in zip(self.ref, self.labels)])) * 100
-            out.update(accuracy=acc, reference_accuracy=racc, accuracy_drop=racc - acc)
-        return out
-
-
-def _meets(m: dict, opts: JointOptions) -> bool:
-    if opts.min_top1_agreement is not None and m["top1_agreement"] < opts.min_top1_agreement:
-        return False
-    if opts.max_accuracy_drop is not None and m.get("accuracy_drop", 0.0) > opts.max_accuracy_drop:
-        return False
-    return True
-
-
 def _score(m: dict) -> float:
     return m.get("accuracy", m["top1_agreement"] * 100) if "accuracy" in m else m["top1_agreement"]
 
@@ -106,7 +79,8 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
     params0 = sum(L.params for L in layers0)
     budget = opts.target_bits_per_weight * params0 if opts.target_bits_per_weight is not None else opts.target_size_bytes * 8.0
     ref = ctx.reference_model if ctx.reference_model is not None else model
-    ev = _Eval(ctx, ref, opts.eval_samples)
+    ev = OutputFloor(ctx, FloorSpec(opts.min_top1_agreement, opts.max_accuracy_drop, samples=opts.eval_samples), ref,
+                     always=True)
     sfeeds = list(itertools.islice(ctx.calib_batches(), opts.sensitivity_samples))
     spec = get_pass("prune")
     pruned_cache: dict[float, tuple] = {}
@@ -147,7 +121,7 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
     results = []
     for p, bits in cands_out:
         qm, wb = build(p, bits)
-        m = ev(qm)
+        m = ev.measure(qm)
         results.append({"keep": p, "bits": bits, "weight_bits": wb, "within_budget": wb <= budget + 1e-6,
                         "compression": params0 * 32 / wb, **m})
         history.append({k: v for k, v in results[-1].items() if k != "bits"})
@@ -155,14 +129,14 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
     if opts.search == "ga":
         results += _ga(opts, ctx, budget, params0, pruned, build, ev, results)
 
-    ok_both = [r for r in results if r["within_budget"] and _meets(r, opts)]
+    ok_both = [r for r in results if r["within_budget"] and ev.ok(r)]
     stats: dict = {"budget_bits": budget, "search": opts.search, "history": history,
                    "floor": {"min_top1_agreement": opts.min_top1_agreement, "max_accuracy_drop": opts.max_accuracy_drop,
                              "measured_on": "calibration samples"}}
     if ok_both:
         best = max(ok_both, key=lambda r: (_score(r), r["compression"]))
     else:
-        floor_ok = [r for r in results if _meets(r, opts)]
+        floor_ok = [r for r in results if ev.ok(r)]
         if not floor_ok:
             stats["floor"]["met"] = False
             stats["note"] = "no candidate meets the fidelity floor; returning the input model unchanged"
@@ -226,7 +200,7 @@ def _ga(opts, ctx, budget, params0, pruned, build, ev, seeds):
         key = (p, tuple(sorted(bits.items())))
         if key not in cache:
             qm, wb = build(p, bits)
-            m = ev(qm)
+            m = ev.measure(qm)
             r = {"keep": p, "bits": bits, "weight_bits": wb, "within_budget": wb <= budget + 1e-6,
                  "compression": params0 * 32 / wb, "from": "ga", **m}
             out.append(r)

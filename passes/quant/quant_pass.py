@@ -373,7 +373,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         qm, info = build(bits)
         stats["floor"] = {**floor.describe(), "measured": meas, "promotions": steps, "met": floor.ok(meas),
                           "measured_on": "calibration samples", "evaluations": len(measured)}
-        if not floor.ok(meas) or all(b == 32 for b in bits.values()):
+        if not floor.ok(meas) or (steps and all(b == 32 for b in bits.values())):
             stats["floor"]["note"] = ("the floor is met only with every layer fp32 on these samples; returning the "
                                       "unquantized model")
             return PassResult(model, False, stats)
