@@ -9,6 +9,7 @@ import pytest
 
 import tests.prune_models as pm
 from passes.base import PassContext, get_pass, make_options
+from passes.quant.qdq import find_layers
 from passes.quant.quant_pass import QuantOptions, quantize
 from pipeline.errors import EdgecError
 from pipeline.onnx_io import ort_session
@@ -143,3 +144,32 @@ def test_layer_bits_and_keep_fp32(tmp_path):
         QuantOptions(layer_bits={"x": 5})
     with pytest.raises(EdgecError, match="unknown layer"):
         quantize(m, _ctx(m, tmp_path), layer_bits={"nope": 4}, calib_samples=8)
+
+
+def test_unreachable_latency_target_keeps_the_measured_fastest(tmp_path):
+    """Target unreachable -> the table's fastest mix is timed against uniform int8, interleaved; int8 wins only when
+    more than 2% faster."""
+
+    class SkewedProbe(OrtLatencyProbe):
+        """Real timings, but the per-layer table claims the first layer is slower in int8 (so the mix keeps it fp32)."""
+
+        def layer_latency_table(self, model, layers, bits):
+            t = super().layer_latency_table(model, layers, bits)
+            first = layers[0].name
+            t[first] = {**t[first], 8: t[first][32] * 50 + 1.0}
+            return t
+
+    m = pm.chain()
+    probe = SkewedProbe(1, str(tmp_path / "cache"), runs=5)
+    r = quantize(m, _ctx(m, tmp_path, probe), target_speedup=1000.0, calib_samples=16, sensitivity_samples=8,
+                 pareto_points=3, kernel_check=False)
+    st = r.stats
+    assert "below the smallest achievable" in st["budget_note"]
+    fc = st["fastest_check"]
+    faster = "all_int8" if fc["all_int8_ms"] < 0.98 * fc["table_mix_ms"] else "table_mix"
+    assert fc["chosen"] == faster
+    first = find_layers(m)[0].name
+    if faster == "all_int8":
+        assert set(st["bits"].values()) == {8}
+    else:
+        assert st["bits"][first] == 32
