@@ -40,6 +40,8 @@ class PassContext:
     progress: progress(msg) for long steps.
     latency_probe: optional callable(model) -> median ms at batch 1 on the target (for latency budgets).
     target_probe: optional object from the target offering measured costs (per-layer latency tables).
+    input_shapes: the concrete compile shape {input: dims}; when the model keeps dynamic axes (--dynamic) its
+        inputs stay symbolic, and passes count MACs / read spatial sizes at these shapes.
     """
 
     calib_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
@@ -54,6 +56,7 @@ class PassContext:
     progress: Callable[[str], None] = lambda msg: log.info(msg)
     latency_probe: Callable[[onnx.ModelProto], float] | None = None
     target_probe: Any = None  # target-provided measurements (e.g. per-layer latency tables); see targets/
+    input_shapes: dict[str, tuple[int, ...]] | None = None
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator derived from the run seed and a per-use salt, so every random choice flows from --seed."""

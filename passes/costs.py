@@ -28,8 +28,29 @@ class Costs:
         return {"macs": int(self.macs), "params": int(self.params)}
 
 
-def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """{tensor: dims} from ONNX shape inference with data propagation (-1 for unknown dims)."""
+def with_input_shapes(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto:
+    """`model`, or a copy whose symbolic graph-input dims take the concrete `input_shapes` (the compile shape of a
+    model that keeps dynamic axes), with stale value_info dropped; for counting, never for emitting."""
+    if not input_shapes:
+        return model
+    ins = [i for i in model.graph.input if i.name in input_shapes]
+    if not any(d.HasField("dim_param") or not d.HasField("dim_value") for i in ins for d in i.type.tensor_type.shape.dim):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in input_shapes and len(i.type.tensor_type.shape.dim) == len(input_shapes[i.name]):
+            for d, v in zip(i.type.tensor_type.shape.dim, input_shapes[i.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    del m.graph.value_info[:]
+    return m
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict[str, tuple]:
+    """{tensor: dims} from ONNX shape inference with data propagation (-1 for unknown dims); `input_shapes` fixes
+    symbolic input dims first (see with_input_shapes)."""
+    model = with_input_shapes(model, input_shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -67,9 +88,10 @@ _MAC_OPS = ("Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "Gemm", "MatM
             "QLinearMatMul", "MatMulNBits")
 
 
-def count_costs(model: onnx.ModelProto, _folded: bool = False) -> Costs:
-    """MACs and params; if shape arithmetic hides static shapes (e.g. dynamic 'same' padding), count on a
-    constant-folded copy (onnxslim), which has the same MACs."""
+def count_costs(model: onnx.ModelProto, input_shapes: dict | None = None, _folded: bool = False) -> Costs:
+    """MACs and params; symbolic input dims take `input_shapes` (the compile shape) when given; if shape arithmetic
+    hides static shapes (e.g. dynamic 'same' padding), count on a constant-folded copy (onnxslim), same MACs."""
+    model = with_input_shapes(model, input_shapes)
     shapes = static_shapes(model)
     if not _folded and any(n.op_type in _MAC_OPS and not _static(shapes.get(n.output[0])) for n in model.graph.node):
         try:

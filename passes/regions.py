@@ -40,8 +40,10 @@ def node_key(n: onnx.NodeProto) -> str:
     return n.name or (n.output[0] if n.output else "")
 
 
-def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01) -> Region:
-    """The decode region of `model` (empty for classifiers, segmenters, transformers)."""
+def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01,
+                     input_shapes: dict | None = None) -> Region:
+    """The decode region of `model` (empty for classifiers, segmenters, transformers); `input_shapes` gives
+    symbolic (dynamic) input dims their compile-time values for the shape tests."""
     g = model.graph
     nodes = list(g.node)
     consumers: dict[str, list[int]] = {}
@@ -73,7 +75,7 @@ def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01) 
     def reaches_output(idx: set[int]) -> bool:
         return any(o in outs for i in idx for o in nodes[i].output)
 
-    shapes = static_shapes(model)
+    shapes = static_shapes(model, input_shapes)
     region, seeds, weights = set(), [], 0
     for i, n in enumerate(nodes):
         c = None

@@ -156,7 +156,8 @@ def _compile_model(opts: CompileOptions) -> dict:
     ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), calib_labels=calib.labels, reference_model=reference,
                       torch_model=torch_module, quant_dialect=target.DIALECT, seed=opts.seed, cache_dir=cache_dir,
                       threads=opts.threads[0], progress=_progress,
-                      target_probe=probe(opts.threads[0]) if probe else None)
+                      target_probe=probe(opts.threads[0], cache_dir, input_shapes=concrete) if probe else None,
+                      input_shapes=dict(concrete) if concrete else None)
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     result = run_recipe(model, recipe, ctx)
     final = result.model
@@ -215,15 +216,8 @@ def _compile_model(opts: CompileOptions) -> dict:
 
 
 def _costs_at(model: onnx.ModelProto, concrete: dict | None):
-    """MACs/params at the compile shape: symbolic (--dynamic) input dims are fixed on a copy before counting."""
-    if not concrete:
-        return count_costs(model)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    try:
-        return count_costs(fix_input_shapes(m, dict(concrete)))
-    except EdgecError:
-        return count_costs(model)
+    """MACs/params at the compile shape: symbolic (--dynamic) input dims take their compile-time values."""
+    return count_costs(model, concrete)
 
 
 def _collect_plots(stages, outdir: Path) -> None:

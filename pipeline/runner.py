@@ -114,7 +114,7 @@ def run_recipe(model: onnx.ModelProto, recipe: Recipe, ctx: PassContext, *, veri
         comp = Comparator(names)
         for o, r in zip(outs, orig_outs):
             comp.update(o, r)
-        costs = count_costs(new_model).as_dict()
+        costs = count_costs(new_model, ctx.input_shapes).as_dict()
         rec = StageRecord(step.name, spec.exact, options_dict(step.options), round(dt, 3), res.modified,
                           res.stats, err, comp.result()["summary"], costs, len(new_model.graph.node))
         result.stages.append(rec)

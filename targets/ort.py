@@ -31,11 +31,12 @@ def session_settings(threads: int, opt_level: str) -> dict:
             "onnxruntime_version": ort.__version__}
 
 
-def make_probe(threads: int = 1, cache_dir: str | None = None):
-    """Measured costs for the quantizer: per-layer latency tables timed in ORT on this CPU (cached)."""
+def make_probe(threads: int = 1, cache_dir: str | None = None, input_shapes: dict | None = None):
+    """Measured costs for the quantizer: per-layer latency tables timed in ORT on this CPU (cached), at the compile
+    shape (`input_shapes`) when the model keeps dynamic axes."""
     from targets.ort_latency import make_probe as _make
 
-    return _make(threads, cache_dir)
+    return _make(threads, cache_dir, input_shapes)
 
 
 def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:

@@ -68,13 +68,21 @@ class OrtLatencyProbe:
 
     source = "ort_measured"
 
-    def __init__(self, threads: int = 1, cache_dir: str | None = None, runs: int = 30):
+    def __init__(self, threads: int = 1, cache_dir: str | None = None, runs: int = 30,
+                 input_shapes: dict | None = None):
+        """input_shapes: the compile shape; a model that keeps dynamic axes is timed at it (not at 1s)."""
         import onnxruntime as ort
 
         self.threads = int(threads)
         self.cache_dir = cache_dir
         self.runs = int(runs)
+        self.input_shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
         self._tag = {"ort": ort.__version__, "cpu": _cpu_name(), "threads": self.threads}
+
+    def _at(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        from passes.costs import with_input_shapes
+
+        return with_input_shapes(model, self.input_shapes)
 
     # ------------------------------------------------------------------ whole model
     def model_latency_ms(self, model: onnx.ModelProto, runs: int | None = None) -> float:
@@ -87,6 +95,7 @@ class OrtLatencyProbe:
         decision taken on measured latency is reproducible: the same inputs give the same model on the same machine
         (delete the cache directory to measure again)."""
         n = runs or max(self.runs, 50)
+        models = [self._at(m) for m in models]
         key = {**self._tag, "runs": n, "models": [hashlib.sha256(model_bytes(m)).hexdigest() for m in models]}
         cached = self._cache_get(key, 0, field="ms_list")
         if cached is not None and len(cached) == len(models):
@@ -121,6 +130,7 @@ class OrtLatencyProbe:
         """{layer name: {bits: ms}} for `layers` (passes.quant.qdq.Layer or names) at each of `bits`."""
         from passes.quant.qdq import find_layers, output_point
 
+        model = self._at(model)
         all_layers = {L.name: L for L in find_layers(model)}
         layers = [all_layers[L] if isinstance(L, str) else L for L in layers]
         shapes = _shapes(model)
@@ -130,8 +140,15 @@ class OrtLatencyProbe:
         inits = {i.name: i for i in model.graph.initializer}
         prod = {o: n for n in model.graph.node for o in n.output}
         table = {}
+        self.unknown_shape = []
         for L in layers:
             node = nodes[L.name]
+            if not all(d > 0 for d in shapes.get(L.input, ())) or not shapes.get(L.input):
+                # input shape not static even at the compile shape (computed by a decode head): no measurement;
+                # equal times say "no saving", so the allocator keeps it fp32 unless the budget needs it
+                self.unknown_shape.append(L.name)
+                table[L.name] = {b: 0.0 for b in bits}
+                continue
             op_out = output_point(model, L)
             act = prod[op_out] if op_out != L.output else None
             key_src = {"op": L.op, "attrs": [(a.name, str(helper.get_attribute_value(a))) for a in node.attribute],
@@ -259,5 +276,6 @@ class OrtLatencyProbe:
         return check_kernels(model, claimed_bits, threads=self.threads)
 
 
-def make_probe(threads: int = 1, cache_dir: str | None = None) -> OrtLatencyProbe:
-    return OrtLatencyProbe(threads=threads, cache_dir=cache_dir or str(Path(".cache") / "edgec"))
+def make_probe(threads: int = 1, cache_dir: str | None = None, input_shapes: dict | None = None) -> OrtLatencyProbe:
+    return OrtLatencyProbe(threads=threads, cache_dir=cache_dir or str(Path(".cache") / "edgec"),
+                           input_shapes=input_shapes)

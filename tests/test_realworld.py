@@ -226,3 +226,24 @@ def test_cli_dynamic_flag_keeps_axes_and_reports_two_shapes(models, tmp_path, ca
     assert all(r["summary"]["cosine_min"] > 0.9999 for r in report["dynamic"]["per_shape"])
     dims = onnx.load(str(out / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_default_recipe_with_dynamic_axes(name, models, tmp_path):
+    """Channel removal and quantization on a model that keeps its dynamic axes: passes count MACs and time layers at
+    the compile shape (not at symbolic dims), the decode head stays computed from Shape, and the emitted model runs
+    at both verification shapes."""
+    rec = models[name]
+    out = tmp_path / "dyn_default"
+    report = compile_model(_options(rec, "default", out, dynamic=",".join(rec.dynamic)))
+    macs = {p["name"]: p["costs"]["macs"] for p in report["passes"]}
+    assert all(v > 0 for v in macs.values()), macs
+    assert macs["prune"] < macs["cleanup"], "no channel removed with dynamic axes"
+    final = onnx.load(str(out / "model.onnx"))
+    assert any(d.dim_param for i in final.graph.input for d in i.type.tensor_type.shape.dim)
+    res = verify_at_shapes(final, onnx.load(str(rec.path)), [rec.input_shapes, rec.second_shapes], seed=3)
+    for r in res:
+        for oname, f in r["per_output"].items():
+            assert f["cosine"] >= 0.95, (r["shape"], oname, f)
+    if name == "ultralytics_detector":
+        assert rw.count_ops(final).get("Range", 0) == 4, "the decode head must stay computed from the input shape"

@@ -1317,14 +1317,14 @@ def select_channels(g: Group, scores: np.ndarray, n_keep: int) -> np.ndarray:
 class CostModel:
     """(MACs, params) as a function of kept channels per group; exact against passes.costs.count_costs."""
 
-    def __init__(self, model: onnx.ModelProto, groups: list[Group] | None = None):
+    def __init__(self, model: onnx.ModelProto, groups: list[Group] | None = None, input_shapes: dict | None = None):
         from passes.costs import count_costs
 
         an, gs = _analysis(model)
         if groups is not None:
             _check_groups(gs, groups)
         self.sizes = {g.id: g.size for g in gs}
-        base = count_costs(model)
+        base = count_costs(model, input_shapes)
         self.base_macs = int(base.macs)
         self.base_params = int(base.params)
         self._tensors: dict[str, tuple[int, dict[int, int]]] = {}

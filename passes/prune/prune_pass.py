@@ -500,7 +500,7 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
 
     groups_by_id = {g.id: g for g in groups}
     prunable = _candidates(groups, opts)
-    cm = CostModel(model, groups)
+    cm = CostModel(model, groups, ctx.input_shapes)
     bm, bp = max(cm.base_macs, 1), max(cm.base_params, 1)
 
     def cost(keep):
@@ -543,12 +543,12 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
     return pruned, a, keep_idx, rstats, stats, (bm, bp)
 
 
-def _close_postprocess(model, groups) -> dict | None:
+def _close_postprocess(model, groups, input_shapes=None) -> dict | None:
     """Groups with a member in the decode / post-processing region (passes/regions.py) are not pruned."""
     from passes.prune.graph import node_names
     from passes.regions import find_postprocess
 
-    post = find_postprocess(model)
+    post = find_postprocess(model, input_shapes=input_shapes)
     if not post.nodes:
         return None
     names = node_names(model.graph.node)
@@ -570,7 +570,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
     model, folded = fold_small_constants(model)
     with _memo_analysis():
         groups = analyze(model)
-        post = _close_postprocess(model, groups)
+        post = _close_postprocess(model, groups, ctx.input_shapes)
         prunable = _candidates(groups, opts)
         if not prunable and not opts.strict_budget:
             reasons = sorted({g.reason for g in groups if not g.prunable and g.reason})[:5]
@@ -607,7 +607,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
         stats["finetune"] = ft
     from passes.costs import count_costs
 
-    after = count_costs(pruned)
+    after = count_costs(pruned, ctx.input_shapes)
     rows = []
     for r in rstats["groups"]:
         s = scores.get(r["id"])

@@ -145,8 +145,8 @@ def candidate_bits(layers: list[Layer], dialect: QuantDialect, opts: QuantOption
     return out
 
 
-def _layer_macs(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, int]:
-    per = count_costs(model).per_node
+def _layer_macs(model: onnx.ModelProto, layers: list[Layer], input_shapes: dict | None = None) -> dict[str, int]:
+    per = count_costs(model, input_shapes).per_node
     out = {}
     for i, n in enumerate(model.graph.node):
         key = n.name or f"{n.op_type}_{i}"
@@ -178,7 +178,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     if not layers:
         return PassResult(model, False, {**stats, "reason": "no quantizable layers (Conv/Gemm/MatMul with constant weights)"})
     names = {L.name for L in layers}
-    post = find_postprocess(m)
+    post = find_postprocess(m, input_shapes=ctx.input_shapes)
     if post.nodes:
         # decode / post-processing region (passes/regions.py): its layers (e.g. a YOLO DFL conv) stay fp32
         fixed32 = sorted(L.name for L in layers if L.name in post.nodes)  # both name nodes by name or output[0]
@@ -252,7 +252,12 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         else:
             if probe is not None and hasattr(probe, "layer_latency_table"):
                 ctx.progress("quant: measuring the per-layer latency table on the target")
-                table = probe.layer_latency_table(m, layers, sorted({b for c in cands.values() for b in c}))
+                # only layers with a choice are timed; fixed ones (keep_fp32, decode region) cost nothing to choose
+                free = [L for L in layers if len(cands[L.name]) > 1]
+                table = probe.layer_latency_table(m, free, sorted({b for c in cands.values() for b in c}))
+                table.update({L.name: {b: 0.0 for b in cands[L.name]} for L in layers if L.name not in table})
+                if getattr(probe, "unknown_shape", None):
+                    stats["latency_unmeasured"] = list(probe.unknown_shape)
                 # Anchor the table on two whole-model measurements (timed interleaved): all fp32 (T32) and every
                 # int8-capable layer int8 (T8). T(b) = T8 + k * sum_{l not int8} (t32_l - t8_l), with
                 # k = (T32 - T8) / sum_l (t32_l - t8_l), so both ends are exact and per-call overhead cancels.
@@ -262,7 +267,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
                 saving = {L.name: (table[L.name][32] - table[L.name][8]) if 8 in cands[L.name] else 0.0 for L in layers}
                 tot = sum(saving.values())
                 if tot <= 0 or t32_all <= t8_all:
-                    macs = _layer_macs(m, layers)
+                    macs = _layer_macs(m, layers, ctx.input_shapes)
                     saving = {L.name: float(macs[L.name]) if 8 in cands[L.name] else 0.0 for L in layers}
                     tot = sum(saving.values()) or 1.0
                     stats["latency_note"] = "per-layer table predicts no int8 saving; distributing the measured saving by MACs"
@@ -275,7 +280,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
                 stats["latency_source"] = getattr(probe, "source", "target_probe")
                 stats["fp32_latency_ms"] = fp32_ms
             else:
-                macs = _layer_macs(m, layers)
+                macs = _layer_macs(m, layers, ctx.input_shapes)
                 ms_fn = ctx.latency_probe
                 fp32_ms = float(ms_fn(m)) if ms_fn is not None else None
                 per_mac = (fp32_ms / sum(macs.values())) if fp32_ms else 1e-6
