@@ -7,7 +7,7 @@ median latency of original and compiled (measured interleaved in that compile's 
 >= 200 timed runs). Writes out/bench_realworld/{report.md, results.json}. The target for `default`: every output's
 cosine >= 0.99 and speedup >= 1.3x.
 
-Usage: python bench/bench_realworld.py [--recipe default] [--size real|tiny] [--models a,b] [--set k=v ...]
+Usage: python bench/bench_realworld.py [--recipe default] [--size real|tiny] [--models a,b] [--set k=v ...] [--dynamic]
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 COS_TARGET, SPEED_TARGET = 0.99, 1.3
 
 
-def run_one(key: str, writer, size: str, recipe: str, out: Path, sets: list[str], seed: int) -> dict:
+def run_one(key: str, writer, size: str, recipe: str, out: Path, sets: list[str], seed: int,
+            dynamic: bool = False) -> dict:
     from pipeline.cli import main
 
     rec = writer(out / "models" / key, size=size)
@@ -35,6 +36,8 @@ def run_one(key: str, writer, size: str, recipe: str, out: Path, sets: list[str]
         args += ["--data", rec.data]
     for s in sets:
         args += ["--set", s]
+    if dynamic and rec.dynamic:
+        args += ["--dynamic", ",".join(rec.dynamic)]
     t0 = time.perf_counter()
     rc = main(args)
     row = {"model": key, "rc": rc, "compile_s": round(time.perf_counter() - t0, 1), "traits": list(rec.traits)}
@@ -48,6 +51,8 @@ def run_one(key: str, writer, size: str, recipe: str, out: Path, sets: list[str]
         speedup=lat["compiled"]["speedup_vs_original"], macs_ratio=c1 / max(c0, 1), macs=c0,
         per_output={k: {m: v[m] for m in ("cosine", "rel_l2", "max_abs")} for k, v in r["fidelity"]["per_output"].items()},
     )
+    if "dynamic" in r:
+        row["dynamic"] = [{"shape": p["shape"], "cosine_min": p["summary"]["cosine_min"]} for p in r["dynamic"]["per_shape"]]
     row["ok"] = row["speedup"] >= SPEED_TARGET and all(v["cosine"] >= COS_TARGET for v in row["per_output"].values())
     return row
 
@@ -63,6 +68,9 @@ def write_report(rows: list[dict], out: Path, recipe: str, size: str) -> str:
             continue
         outs = "<br>".join(f"{k}: {v['cosine']:.4f} / {v['rel_l2']:.4f} / {v['max_abs']:.3g}"
                            for k, v in r["per_output"].items())
+        if r.get("dynamic"):
+            outs += "<br>dynamic, verified at " + ", ".join(
+                f"{'x'.join(map(str, next(iter(d['shape'].values()))))} (cos {d['cosine_min']:.4f})" for d in r["dynamic"])
         lines.append(f"| {r['model']} | {r['macs'] / 1e6:.1f} | {r['macs_ratio']:.3f} | {r['original_ms']:.3f} | "
                      f"{r['compiled_ms']:.3f} | {r['speedup']:.2f}x | {outs} | {'PASS' if r['ok'] else 'FAIL'} |")
     text = "\n".join(lines) + "\n"
@@ -80,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(rw.WRITERS), help="comma-separated subset of " + ",".join(rw.WRITERS))
     ap.add_argument("--set", action="append", default=[], help="recipe override passed to compile (PASS.OPTION=VALUE)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dynamic", action="store_true",
+                    help="keep each model's dynamic axes (--dynamic) and verify it at two input shapes")
     ap.add_argument("--out", default="out/bench_realworld")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -89,7 +99,7 @@ def main(argv=None) -> int:
         if key not in rw.WRITERS:
             ap.error(f"unknown model {key!r}; choose from {', '.join(rw.WRITERS)}")
         print(f"[bench_realworld] {key} ({a.size}, recipe {a.recipe}) ...", flush=True)
-        rows.append(run_one(key, rw.WRITERS[key], a.size, a.recipe, out, a.set, a.seed))
+        rows.append(run_one(key, rw.WRITERS[key], a.size, a.recipe, out, a.set, a.seed, a.dynamic))
         print(write_report(rows, out, a.recipe, a.size).splitlines()[-1], flush=True)
     print(write_report(rows, out, a.recipe, a.size))
     return 0 if all(r.get("ok") for r in rows) else 1

@@ -37,3 +37,22 @@ def test_peak_rss_sees_model_weights(tmp_path):
     r = peak_rss(p, {"x": np.ones((1, 4096), np.float32)}, runs=2)
     assert r["model_bytes"] > 64 * 2**20
     assert r["peak_rss_delta_bytes"] > 48 * 2**20, r
+
+
+def test_bench_realworld_reports_each_output(tmp_path):
+    """bench/bench_realworld.py end to end on the tiny external-data model: a row with per-output fidelity, the
+    interleaved speedup and a PASS/FAIL verdict that matches the targets."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_realworld as br
+
+    br.main(["--size", "tiny", "--models", "external_data", "--recipe", "cleanup", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["external_data"] and rows[0]["rc"] == 0
+    r = rows[0]
+    assert set(r["per_output"]) == {"logits"} and r["per_output"]["logits"]["cosine"] > 0.9999
+    assert r["ok"] == (r["speedup"] >= br.SPEED_TARGET)  # cleanup is exact: only the speed target can fail
+    assert "| external_data |" in (tmp_path / "report.md").read_text()
