@@ -5,6 +5,10 @@ against the reference (original FP32) model, it keeps
   accuracy drop   <= max_accuracy_drop          (points; needs calibration labels)
   cosine(output)  >= min_cosine for each output in scope, cosine averaged over samples as in pipeline.fidelity
 
+A decode / post-processing region (passes/regions.py) changes what "output" means: the tensors entering it (raw
+head outputs) are always measured; with NMS / TopK / NonZero inside (data-dependent outputs) the cosine floor holds
+on them instead of the region's outputs, otherwise they are reported next to the gated outputs.
+
 `cosine_scope` says which outputs the cosine floor holds:
   all           every output;
   dense_models  every output, but only for models with at least one output that is not classifier-shaped
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from passes.regions import find_postprocess, node_key, region_inputs, tap_tensors, with_outputs
 from pipeline.errors import EdgecError
 
 COSINE_SCOPES = ("all", "dense_models")
@@ -47,6 +52,12 @@ class FloorSpec:
         return any(v is not None for v in (self.min_top1_agreement, self.max_accuracy_drop, self.min_cosine))
 
 
+def _pick(sess, outs: list, names: list[str]) -> list:
+    """Outputs of a session run, in the order of `names` (a tapped tensor may also be a graph output)."""
+    by = dict(zip([o.name for o in sess.get_outputs()], outs))
+    return [by[n] for n in names]
+
+
 def _classifier_shaped(a: np.ndarray) -> bool:
     return a.ndim == 2 and a.shape[1] >= 2
 
@@ -67,14 +78,34 @@ class OutputFloor:
         if not self.feeds:
             raise EdgecError("the fidelity floor needs calibration samples (none were given)")
         ref = ctx.reference_model if ctx.reference_model is not None else model
+        self.names = [o.name for o in ref.graph.output]
+        # a decode / post-processing region (passes/regions.py): the tensors entering it (raw head outputs) are
+        # always measured. With selection ops (NMS / TopK / NonZero) the outputs are data-dependent (a detection
+        # count, often empty), so the cosine floor holds on those tensors instead of the region's outputs;
+        # otherwise the outputs stay gated and the head tensors are reported alongside.
+        self.taps, self.region_outputs, self.gate_taps = [], [], False
+        post = find_postprocess(model, input_shapes=ctx.input_shapes) if spec.min_cosine is not None else None
+        if post is not None and post.nodes:
+            taps = region_inputs(model, post)
+            ref_t = tap_tensors(ref, taps)
+            if taps and ref_t is not None:
+                self.taps, self.gate_taps = taps, post.selection
+                made = {o for n in model.graph.node if node_key(n) in post.nodes for o in n.output}
+                self.region_outputs = [n for n in self.names if n in made]
+                ref = with_outputs(ref, ref_t)
         rs = ort_session(ref, threads=ctx.threads, optimize=True)
-        self.names = [o.name for o in rs.get_outputs()]
-        self.ref = [run_session(rs, f) for f in self.feeds]
-        shapes = [np.asarray(o) for o in self.ref[0]]
+        # with the floor on the region's inputs, its data-dependent outputs are not compared (their shapes differ)
+        self.out_names = [n for n in self.names if not (self.gate_taps and n in self.region_outputs)]
+        want = self.out_names + (ref_t if self.taps else [])
+        self.ref = [_pick(rs, run_session(rs, f), want) for f in self.feeds]
+        self.all_names = self.out_names + [f"{k}:{i}" for k, i in self.taps]
+        shapes = [np.asarray(o) for o in self.ref[0][: len(self.out_names)]]
         self.cls_index = next((i for i, a in enumerate(shapes) if _classifier_shaped(a)), None)
         dense = any(not _classifier_shaped(a) for a in shapes)
+        self.tap_names = self.all_names[len(self.out_names):]
+        gated = list(self.all_names) if self.gate_taps else list(self.names)
         self.cosine_outputs = [] if spec.min_cosine is None else \
-            (self.names if spec.cosine_scope == "all" or dense else [])
+            (gated if spec.cosine_scope == "all" or dense or self.gate_taps else [])
         self.active = bool(self.cosine_outputs) or spec.min_top1_agreement is not None \
             or spec.max_accuracy_drop is not None
         self.labels = None
@@ -91,21 +122,30 @@ class OutputFloor:
         from pipeline.fidelity import Comparator
         from pipeline.onnx_io import ort_session, run_session
 
+        want = list(self.out_names)
+        if self.taps:
+            cand_t = tap_tensors(model, self.taps)
+            if cand_t is None:
+                raise EdgecError("a pass removed a node of the decode region; the fidelity floor cannot read it")
+            model = with_outputs(model, cand_t)
+            want += cand_t
         s = ort_session(model, threads=self.threads, optimize=True)
-        comp = Comparator(self.names)
+        comp = Comparator(self.all_names)
         for i, (f, r) in enumerate(zip(self.feeds, self.ref)):
             lab = None if self.labels is None else np.asarray([self.labels[i]])
-            comp.update(run_session(s, f), r, lab)
+            comp.update(_pick(s, run_session(s, f), want), r, lab)
         per = comp.result()["per_output"]
         out: dict = {"samples": len(self.feeds)}
         if self.cls_index is not None:
-            c = per[self.names[self.cls_index]]
+            c = per[self.out_names[self.cls_index]]
             out["top1_agreement"] = c["top1_agreement"]
             if "accuracy" in c:
                 out.update(accuracy=100 * c["accuracy"], reference_accuracy=100 * c["reference_accuracy"],
                            accuracy_drop=100 * (c["reference_accuracy"] - c["accuracy"]))
         if self.cosine_outputs:
             out["cosine"] = {n: round(per[n]["cosine"], 6) for n in self.cosine_outputs}
+        if self.taps and not self.gate_taps:
+            out["decode_inputs_cosine"] = {n: round(per[n]["cosine"], 6) for n in self.tap_names}
         return out
 
     def ok(self, m: dict) -> bool:
@@ -125,4 +165,8 @@ class OutputFloor:
         if sp.min_cosine is not None:
             d["cosine_scope"] = sp.cosine_scope
             d["cosine_outputs"] = list(self.cosine_outputs)
+        if self.taps:
+            d["decode_region"] = {"gated_on": "tensors entering it (node:input slot)", "outputs_not_gated":
+                                  list(self.region_outputs)} if self.gate_taps else \
+                {"gated_on": "outputs", "reported": "tensors entering it (decode_inputs_cosine)"}
         return d

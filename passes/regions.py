@@ -27,13 +27,15 @@ class Region:
     indices: set[int] = field(default_factory=set)     # positions in model.graph.node
     seeds: list[str] = field(default_factory=list)     # the flatten / selection nodes it starts from
     weights: int = 0                                   # learned weights inside (e.g. the DFL conv)
+    selection: bool = False                            # holds NMS / TopK / NonZero: outputs are data-dependent
 
     def summary(self, model: onnx.ModelProto) -> dict:
         ops: dict[str, int] = {}
         for n in model.graph.node:
             if node_key(n) in self.nodes:
                 ops[n.op_type] = ops.get(n.op_type, 0) + 1
-        return {"nodes": len(self.nodes), "seeds": self.seeds, "weights": self.weights, "ops": dict(sorted(ops.items()))}
+        return {"nodes": len(self.nodes), "seeds": self.seeds, "weights": self.weights, "selection": self.selection,
+                "ops": dict(sorted(ops.items()))}
 
 
 def node_key(n: onnx.NodeProto) -> str:
@@ -92,4 +94,62 @@ def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01,
             seeds.append(node_key(n))
             region |= c
     weights = sum(weight_count(nodes[k]) for k in region)
-    return Region({node_key(nodes[k]) for k in region}, set(region), seeds, weights)
+    selection = any(nodes[k].op_type in SELECT_OPS for k in region)
+    return Region({node_key(nodes[k]) for k in region}, set(region), seeds, weights, selection)
+
+
+def region_inputs(model: onnx.ModelProto, region: Region) -> list[tuple[str, int]]:
+    """The float tensors entering the region from outside it, as (consuming node's key, input slot): the raw head
+    outputs a decode region turns into boxes and scores. Shape-only uses (a Shape node reading a feature map) and
+    constants are not inputs. Keys survive passes (they name nodes), so the same taps can be read in the original
+    and in a compressed model."""
+    g = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(g.input)
+             + list(g.output)}
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output} \
+        | {i.name for i in g.input}
+    made_inside = {o for i in region.indices for o in g.node[i].output}
+    # tensors whose values depend on a graph input's values (a Shape output depends on its shape only: anchor
+    # grids and stride maps built from Shape/Range are not network outputs)
+    live = {i.name for i in g.input} - {t.name for t in g.initializer}
+    for n in g.node:
+        if n.op_type not in ("Shape", "Size") and any(x in live for x in n.input):
+            live.update(n.output)
+    taps, seen = [], set()
+    for i in sorted(region.indices):
+        n = g.node[i]
+        if n.op_type == "Shape":
+            continue
+        for k, x in enumerate(n.input):
+            if not x or x in consts or x in made_inside or x in seen or x not in live:
+                continue
+            if types.get(x) != onnx.TensorProto.FLOAT:
+                continue
+            seen.add(x)
+            taps.append((node_key(n), k))
+    return sorted(taps)
+
+
+def tap_tensors(model: onnx.ModelProto, taps: list[tuple[str, int]]) -> list[str] | None:
+    """The tensor each tap reads in `model` (None if a tapped node is missing)."""
+    by_key = {node_key(n): n for n in model.graph.node}
+    out = []
+    for key, k in taps:
+        n = by_key.get(key)
+        if n is None or k >= len(n.input):
+            return None
+        out.append(n.input[k])
+    return out
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the float tensors `names` (after its own outputs)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for nm in names:
+        if nm not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(nm, onnx.TensorProto.FLOAT, None))
+            have.add(nm)
+    return m

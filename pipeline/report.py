@@ -137,7 +137,9 @@ def render_markdown(r: dict) -> str:
                              if k in ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope") and v is not None)
             meas = fl.get("measured") or (fl.get("history") or [{}])[-1]
             got = ", ".join([f"top-1 {meas['top1_agreement']:.3f}"] if "top1_agreement" in meas else []) + \
-                "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items())
+                "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items()) + \
+                "".join(f"; decode input cos({o}) {c:.4f} (reported)" for o, c in
+                        (meas.get("decode_inputs_cosine") or {}).items())
             L.append(f"| {name} | {spec} | {got.lstrip('; ')} | {fl.get('met')} | {fl.get('note', '')} |")
     posts = [(s["name"], s["stats"]["postprocess"]) for s in r["passes"] if (s.get("stats") or {}).get("postprocess")]
     if posts:

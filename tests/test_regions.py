@@ -118,3 +118,80 @@ def test_quant_and_prune_leave_the_region_alone(tmp_path):
     pruned_ids = {r["id"] for r in p.stats["groups"] if r.get("kept") is not None and r["kept"] < r["size"]}
     assert touched and pruned_ids and not pruned_ids & {g.id for g in touched}
     assert p.stats["macs_ratio"] < 0.95                                          # the backbone/neck still shrink
+
+
+def _tap_cosines(m_ref, m_cand, taps, feeds):
+    """Mean cosine of each tapped tensor, candidate vs reference, computed directly in ORT."""
+    from passes.regions import tap_tensors, with_outputs
+    from pipeline.onnx_io import ort_session
+
+    ref_t, cand_t = tap_tensors(m_ref, taps), tap_tensors(m_cand, taps)
+    sr = ort_session(with_outputs(m_ref, ref_t), optimize=True)
+    sc = ort_session(with_outputs(m_cand, cand_t), optimize=True)
+    out = []
+    for tr, tc in zip(ref_t, cand_t):
+        cos = []
+        for f in feeds:
+            a = dict(zip([o.name for o in sc.get_outputs()], sc.run(None, f)))[tc].ravel().astype(np.float64)
+            r = dict(zip([o.name for o in sr.get_outputs()], sr.run(None, f)))[tr].ravel().astype(np.float64)
+            cos.append(a @ r / (np.linalg.norm(a) * np.linalg.norm(r)))
+        out.append(float(np.mean(cos)))
+    return out
+
+
+def test_anchor_decode_region_gates_outputs_and_reports_head_tensors(tmp_path):
+    """YOLO-style decode (fixed-shape output): the floor holds on output0 as the issue defines it, and the raw head
+    tensors entering the region are reported next to it (the anchor-dominated output hides head error)."""
+    from passes.regions import region_inputs
+
+    m, rec = _static("ultralytics_detector", tmp_path)
+    ctx = _ctx(m, rec)
+    spec = get_pass("quant")
+    q = spec.fn(m, ctx, make_options(spec, {"calib_samples": 8, "min_cosine": 0.5, "floor_samples": 8}))
+    fl = q.stats["floor"]
+    assert fl["decode_region"]["gated_on"] == "outputs" and list(fl["measured"]["cosine"]) == ["output0"]
+    taps = region_inputs(m, find_postprocess(m))
+    heads = fl["measured"]["decode_inputs_cosine"]
+    assert list(heads) == [f"{k}:{i}" for k, i in taps] and len(taps) == 2   # one head Concat per level
+    direct = _tap_cosines(m, q.model, taps, list(ctx.calib_batches())[:8])
+    assert np.allclose(direct, list(heads.values()), atol=1e-5)
+    assert min(direct) < fl["measured"]["cosine"]["output0"]   # the output looks better than the heads
+
+
+def _topk_detector() -> onnx.ModelProto:
+    """Conv head (1, 5, 8, 8) -> flatten to (1, 5, 64) -> ReduceMax over classes -> TopK(8) scores and indices."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((5, 8, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1, 5, 64], np.int64), "shape"),
+             numpy_helper.from_array(np.array([8], np.int64), "k")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["f1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["f1"], ["r1"], name="r1"),
+             helper.make_node("Conv", ["r1", "w2"], ["head"], kernel_shape=[1, 1], name="c2"),
+             helper.make_node("Reshape", ["head", "shape"], ["flat"], name="flatten"),
+             helper.make_node("ReduceMax", ["flat"], ["best"], axes=[1], keepdims=0, name="best"),
+             helper.make_node("TopK", ["best", "k"], ["scores", "idx"], axis=1, name="topk")]
+    g = helper.make_graph(nodes, "topk_det", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("scores", T.FLOAT, [1, 8]),
+                           helper.make_tensor_value_info("idx", T.INT64, [1, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_selection_region_gates_the_head_tensors():
+    """With TopK inside the region (data-dependent selection), the floor holds on the head tensor entering it."""
+    from passes.regions import region_inputs
+
+    m = _topk_detector()
+    r = find_postprocess(m)
+    assert r.selection and r.nodes == {"flatten", "best", "topk"}
+    taps = region_inputs(m, r)
+    assert taps == [("flatten", 0)]
+    r_ = np.random.default_rng(1)
+    feeds = [{"x": r_.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
+    ctx = PassContext(calib_batches=lambda: iter(feeds), reference_model=m)
+    spec = get_pass("quant")
+    q = spec.fn(m, ctx, make_options(spec, {"calib_samples": 16, "min_cosine": 0.999, "floor_samples": 16}))
+    fl = q.stats["floor"]
+    assert fl["decode_region"]["outputs_not_gated"] == ["scores", "idx"]
+    assert list(fl["measured"]["cosine"]) == ["flatten:0"] and fl["met"]
+    assert _tap_cosines(m, q.model, taps, feeds)[0] >= 0.999 - 1e-6
