@@ -152,3 +152,40 @@ def test_quantize_outputs_leaves_classifier_logits_float(tmp_path):
     producer = next(n for n in r.model.graph.node if "output" in n.output)
     assert producer.op_type == "Gemm"
     assert pm.op_counts(r.model) == pm.op_counts(r0.model)
+
+
+def test_prune_fidelity_probe_uses_cosine_on_dense_outputs():
+    """The allocation probe scores a dense output by cosine (not a softmax over the flattened map)."""
+    from passes.prune.prune_pass import FidelityProbe
+
+    m = dense_model()
+    ctx = _ctx(m, n=8)
+    probe = FidelityProbe(m, ctx, 8)
+    assert abs(probe(m) - 1.0) < 1e-9
+    other = dense_model(seed=1)
+    assert abs(probe(other) - _cosine(other, m, _feeds(8))) < 1e-5
+
+
+def test_prune_fidelity_probe_reads_the_head_behind_topk():
+    from passes.prune.prune_pass import FidelityProbe
+    from passes.regions import tap_tensors, with_outputs
+    from tests.test_regions import _topk_detector
+
+    m = _topk_detector()
+    r = np.random.default_rng(1)
+    feeds = [{"x": r.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    ctx = PassContext(calib_batches=lambda: iter(feeds), reference_model=m)
+    probe = FidelityProbe(m, ctx, 8)
+    assert probe.taps == [("flatten", 0)] and abs(probe(m) - 1.0) < 1e-9
+    w = next(t for t in m.graph.initializer if t.name == "w2")
+    cand = onnx.ModelProto()
+    cand.CopyFrom(m)
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[0] = 0  # one head channel gone
+    next(t for t in cand.graph.initializer if t.name == "w2").CopyFrom(onnx.numpy_helper.from_array(arr, "w2"))
+    sa, sr = (ort_session(with_outputs(x, tap_tensors(x, probe.taps)), optimize=False) for x in (cand, m))
+    direct = np.mean([
+        (lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))(
+            sa.run(["head"], f)[0].ravel().astype(np.float64), sr.run(["head"], f)[0].ravel().astype(np.float64))
+        for f in feeds])
+    assert abs(probe(cand) - direct) < 1e-5 and direct < 0.999

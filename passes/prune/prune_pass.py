@@ -254,27 +254,39 @@ def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOpt
 # ----------------------------------------------------------------------------- fidelity probe
 class FidelityProbe:
     """exp(-KL(softmax(y_ref) || softmax(y))) averaged over a few calibration samples (1.0 = identical); for
-    non-classifier outputs, the mean cosine similarity."""
+    non-classifier outputs, the mean cosine similarity; behind NMS / TopK, the cosine of the tensors entering it."""
 
     def __init__(self, model: onnx.ModelProto, ctx: PassContext, samples: int):
-        from pipeline.onnx_io import ort_session, run_session
+        from passes.regions import find_postprocess, region_inputs
 
         self.feeds = [f for _, f in zip(range(samples), ctx.calib_batches())]
-        sess = ort_session(model, threads=ctx.threads, optimize=True)
-        self.ref = [run_session(sess, f) for f in self.feeds]
         self.threads = ctx.threads
+        # outputs behind NMS / TopK are data-dependent (often empty): score the head tensors entering that region
+        post = find_postprocess(model, input_shapes=ctx.input_shapes)
+        self.taps = region_inputs(model, post) if post.selection else []
+        self.ref = self._run(model)
 
-    def __call__(self, model: onnx.ModelProto) -> float:
+    def _run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
+        from passes.regions import tap_tensors, with_outputs
         from pipeline.onnx_io import ort_session, run_session
 
-        sess = ort_session(model, threads=self.threads, optimize=True)
+        if not self.taps:
+            sess = ort_session(model, threads=self.threads, optimize=True)
+            return [run_session(sess, f) for f in self.feeds]
+        names = tap_tensors(model, self.taps)
+        sess = ort_session(with_outputs(model, names), threads=self.threads, optimize=True)
+        order = [o.name for o in sess.get_outputs()]
+        return [[dict(zip(order, run_session(sess, f)))[n] for n in names] for f in self.feeds]
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        outs = self._run(model)
         vals = []
-        for f, ref in zip(self.feeds, self.ref):
-            out = run_session(sess, f)
+        for out, ref in zip(outs, self.ref):
             for a, r in zip(out, ref):
-                a = np.asarray(a, np.float64).reshape(a.shape[0], -1)
-                r = np.asarray(r, np.float64).reshape(r.shape[0], -1)
-                if a.shape[1] >= 2 and a.ndim == 2:
+                logits = not self.taps and np.ndim(a) == 2 and np.shape(a)[1] >= 2  # [N, C]: classifier
+                a = np.asarray(a, np.float64).reshape(np.shape(a)[0] if np.ndim(a) else 1, -1)
+                r = np.asarray(r, np.float64).reshape(a.shape[0], -1)
+                if logits:
                     pa = _log_softmax(a)
                     pr = _log_softmax(r)
                     kl = float((np.exp(pr) * (pr - pa)).sum(1).mean())
