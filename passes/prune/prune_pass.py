@@ -276,7 +276,11 @@ class FidelityProbe:
         names = tap_tensors(model, self.taps)
         sess = ort_session(with_outputs(model, names), threads=self.threads, optimize=True)
         order = [o.name for o in sess.get_outputs()]
-        return [[dict(zip(order, run_session(sess, f)))[n] for n in names] for f in self.feeds]
+        outs = []
+        for f in self.feeds:
+            by = dict(zip(order, run_session(sess, f)))
+            outs.append([by[n] for n in names])
+        return outs
 
     def __call__(self, model: onnx.ModelProto) -> float:
         outs = self._run(model)
