@@ -19,6 +19,7 @@ from passes.costs import static_shapes
 
 SELECT_OPS = {"NonMaxSuppression", "TopK", "NonZero"}
 LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+VIEW_OPS = {"Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten", "Identity"}
 
 
 @dataclass
@@ -116,18 +117,32 @@ def region_inputs(model: onnx.ModelProto, region: Region) -> list[tuple[str, int
     for n in g.node:
         if n.op_type not in ("Shape", "Size") and any(x in live for x in n.input):
             live.update(n.output)
+    producer = {o: n for n in g.node for o in n.output}
+
+    def source(n: onnx.NodeProto, k: int) -> tuple[onnx.NodeProto, int]:
+        """Walk up constant-parameter views (per-class Gather/Slice of one score tensor, Reshape, ...) so that many
+        slices of one head tensor become one tap on the tensor itself."""
+        while True:
+            p = producer.get(n.input[k])
+            if p is None or p.op_type not in VIEW_OPS or not p.input or p.input[0] not in live \
+                    or any(x and x not in consts for x in p.input[1:]):
+                return n, k
+            n, k = p, 0
+
     taps, seen = [], set()
     for i in sorted(region.indices):
         n = g.node[i]
         if n.op_type == "Shape":
             continue
         for k, x in enumerate(n.input):
-            if not x or x in consts or x in made_inside or x in seen or x not in live:
+            if not x or x in consts or x in made_inside or x not in live:
                 continue
-            if types.get(x) != onnx.TensorProto.FLOAT:
+            sn, sk = source(n, k)
+            t = sn.input[sk]
+            if t in seen or types.get(t) != onnx.TensorProto.FLOAT:
                 continue
-            seen.add(x)
-            taps.append((node_key(n), k))
+            seen.add(t)
+            taps.append((node_key(sn), sk))
     return sorted(taps)
 
 
