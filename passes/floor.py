@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from passes.regions import find_postprocess, node_key, region_inputs, tap_tensors, with_outputs
+from calib.activations import with_outputs
+from passes.regions import find_postprocess, node_key, region_inputs, tap_tensors
 from pipeline.errors import EdgecError
 
 COSINE_SCOPES = ("all", "dense_models")

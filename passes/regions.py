@@ -156,15 +156,3 @@ def tap_tensors(model: onnx.ModelProto, taps: list[tuple[str, int]]) -> list[str
             return None
         out.append(n.input[k])
     return out
-
-
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also returns the float tensors `names` (after its own outputs)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for nm in names:
-        if nm not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(nm, onnx.TensorProto.FLOAT, None))
-            have.add(nm)
-    return m

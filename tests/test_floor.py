@@ -168,7 +168,8 @@ def test_prune_fidelity_probe_uses_cosine_on_dense_outputs():
 
 def test_prune_fidelity_probe_reads_the_head_behind_topk():
     from passes.prune.prune_pass import FidelityProbe
-    from passes.regions import tap_tensors, with_outputs
+    from calib.activations import with_outputs
+    from passes.regions import tap_tensors
     from tests.test_regions import _topk_detector
 
     m = _topk_detector()

@@ -122,7 +122,8 @@ def test_quant_and_prune_leave_the_region_alone(tmp_path):
 
 def _tap_cosines(m_ref, m_cand, taps, feeds):
     """Mean cosine of each tapped tensor, candidate vs reference, computed directly in ORT."""
-    from passes.regions import tap_tensors, with_outputs
+    from calib.activations import with_outputs
+    from passes.regions import tap_tensors
     from pipeline.onnx_io import ort_session
 
     ref_t, cand_t = tap_tensors(m_ref, taps), tap_tensors(m_cand, taps)

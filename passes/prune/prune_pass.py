@@ -267,7 +267,8 @@ class FidelityProbe:
         self.ref = self._run(model)
 
     def _run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
-        from passes.regions import tap_tensors, with_outputs
+        from calib.activations import with_outputs
+        from passes.regions import tap_tensors
         from pipeline.onnx_io import ort_session, run_session
 
         if not self.taps:
