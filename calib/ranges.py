@@ -60,11 +60,13 @@ class Histogram:
         if not x.size:
             return
         x = x[np.isfinite(x)]
+        if not x.size:
+            return
         lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.n += x.size
         amax = max(abs(lo), abs(hi))
-        if amax > self.R:
+        if amax > self.R or self.R == 0.0:  # an all-zero first batch still needs a non-zero range
             self._grow(amax)
         idx = np.clip(((x + self.R) / (2 * self.R) * self.bins).astype(np.int64), 0, self.bins - 1)
         self.counts += np.bincount(idx, minlength=self.bins)

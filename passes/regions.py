@@ -4,7 +4,9 @@ Rule: region = forward closure (toward the graph outputs) of
   * every NonMaxSuppression / TopK / NonZero node, and
   * every "anchor flatten": a Reshape taking a rank-4 feature map with a spatial grid (H*W >= 2) to rank 3,
     kept only if its closure holds almost no learned weights (<= 1% of the model's Conv/Gemm/MatMul weights:
-    a YOLO DFL 1x1 conv qualifies, a transformer after a patch flatten does not) and reaches a graph output.
+    a YOLO DFL 1x1 conv qualifies, a transformer after a patch flatten does not) and reaches a graph output;
+plus its weightless tail: nodes without learned weights whose results are consumed only inside the region (class
+softmax, box decoding, a head Concat), up to the last learned layers.
 Nodes in the region are left in float and never pruned: box arithmetic against anchor grids and strides, score
 selection and NMS lose more from 8-bit rounding and channel surgery than they cost in time.
 """
@@ -94,6 +96,23 @@ def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01,
         if c is not None and i not in region:
             seeds.append(node_key(n))
             region |= c
+    # the weightless tail: a node without learned weights whose every result is consumed inside the region (class
+    # softmax, box decoding against anchors, the head Concat) is post-processing too; grow upward to the last
+    # learned layers, so the region's inputs are the raw head outputs
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
+    grew = bool(region)
+    while grew:
+        grew = False
+        for i in sorted(region):
+            for x in nodes[i].input:
+                j = made_by.get(x)
+                if j is None or j in region or nodes[j].op_type in LAYER_OPS:
+                    continue
+                if any(o in outs for o in nodes[j].output):
+                    continue
+                if all(c in region for o in nodes[j].output for c in consumers.get(o, [])):
+                    region.add(j)
+                    grew = True
     weights = sum(weight_count(nodes[k]) for k in region)
     selection = any(nodes[k].op_type in SELECT_OPS for k in region)
     return Region({node_key(nodes[k]) for k in region}, set(region), seeds, weights, selection)

@@ -112,3 +112,15 @@ def test_mse_weight_clip_lowers_error():
     e_mm = ((fake_quant_weight(w, 4, axis=0) - w) ** 2).sum()
     e_mse = ((fake_quant_weight(w, 4, axis=0, method="mse") - w) ** 2).sum()
     assert e_mse < e_mm
+
+
+def test_histogram_all_zero_then_data_and_non_finite_batches():
+    """An all-zero first batch (a dead channel map) gets a tiny non-zero range, counts stay finite, and a batch
+    with only NaN/Inf is skipped; later data grows the range as usual."""
+    h = Histogram(64)
+    with np.errstate(all="raise"):
+        h.update(np.zeros(100))
+        h.update(np.array([np.nan, np.inf]))
+        assert h.R > 0 and h.counts.sum() == 100 and h.counts[32] == 100  # all in the bin at 0
+        h.update(np.array([-3.0, 5.0]))
+    assert h.R >= 5.0 and h.counts.sum() == 102 and h.min == -3.0 and h.max == 5.0

@@ -86,7 +86,7 @@ def test_nms_region():
                           [helper.make_tensor_value_info("picked", T.FLOAT, None)], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     r = find_postprocess(m)
-    assert r.seeds == ["nms"] and r.nodes == {"nms", "col2", "pick"}
+    assert r.seeds == ["nms"] and r.nodes == {"nms", "col2", "sq", "pick"}  # sq: weightless, feeds only the region
 
 
 def _ctx(m, rec, n=8):
@@ -153,7 +153,7 @@ def test_anchor_decode_region_gates_outputs_and_reports_head_tensors(tmp_path):
     assert fl["decode_region"]["gated_on"] == "outputs" and list(fl["measured"]["cosine"]) == ["output0"]
     taps = region_inputs(m, find_postprocess(m))
     heads = fl["measured"]["decode_inputs_cosine"]
-    assert list(heads) == [f"{k}:{i}" for k, i in taps] and len(taps) == 2   # one head Concat per level
+    assert list(heads) == [f"{k}:{i}" for k, i in taps] and len(taps) == 4   # box and class conv, per level
     direct = _tap_cosines(m, q.model, taps, list(ctx.calib_batches())[:8])
     assert np.allclose(direct, list(heads.values()), atol=1e-5)
     assert min(direct) < fl["measured"]["cosine"]["output0"]   # the output looks better than the heads
