@@ -6,8 +6,9 @@ against the reference (original FP32) model, it keeps
   cosine(output)  >= min_cosine for each output in scope, cosine averaged over samples as in pipeline.fidelity
 
 A decode / post-processing region (passes/regions.py) changes what "output" means: the tensors entering it (raw
-head outputs) are always measured; with NMS / TopK / NonZero inside (data-dependent outputs) the cosine floor holds
-on them instead of the region's outputs, otherwise they are reported next to the gated outputs.
+head outputs) are always measured. `region_gate: auto` holds the cosine floor on them when NMS / TopK / NonZero make
+the outputs data-dependent and on the outputs otherwise (reporting the head tensors next to them); `inputs` always
+holds it on the head tensors (stricter: a YOLO output0's cosine is dominated by its anchor grid); `outputs` never.
 
 `cosine_scope` says which outputs the cosine floor holds:
   all           every output;
@@ -28,6 +29,7 @@ from passes.regions import find_postprocess, node_key, region_inputs, tap_tensor
 from pipeline.errors import EdgecError
 
 COSINE_SCOPES = ("all", "dense_models")
+REGION_GATES = ("auto", "inputs", "outputs")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class FloorSpec:
     min_cosine: float | None = None
     cosine_scope: str = "all"
     samples: int = 64
+    region_gate: str = "auto"  # auto | inputs | outputs: where a decode region's cosine floor holds (see above)
 
     def __post_init__(self):
         for nm in ("min_top1_agreement", "min_cosine"):
@@ -45,6 +48,8 @@ class FloorSpec:
                 raise ValueError(f"{nm} must be a number in [0, 1], got {v!r}")
         if self.cosine_scope not in COSINE_SCOPES:
             raise ValueError(f"cosine_scope must be one of {', '.join(COSINE_SCOPES)}, got {self.cosine_scope!r}")
+        if self.region_gate not in REGION_GATES:
+            raise ValueError(f"region_gate must be one of {', '.join(REGION_GATES)}, got {self.region_gate!r}")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"floor samples must be a positive integer, got {self.samples!r}")
 
@@ -90,7 +95,8 @@ class OutputFloor:
             taps = region_inputs(model, post)
             ref_t = tap_tensors(ref, taps)
             if taps and ref_t is not None:
-                self.taps, self.gate_taps = taps, post.selection
+                self.taps = taps
+                self.gate_taps = {"auto": post.selection, "inputs": True, "outputs": False}[spec.region_gate]
                 made = {o for n in model.graph.node if node_key(n) in post.nodes for o in n.output}
                 self.region_outputs = [n for n in self.names if n in made]
                 ref = with_outputs(ref, ref_t)

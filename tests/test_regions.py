@@ -196,3 +196,21 @@ def test_selection_region_gates_the_head_tensors():
     assert fl["decode_region"]["outputs_not_gated"] == ["scores", "idx"]
     assert list(fl["measured"]["cosine"]) == ["flatten:0"] and fl["met"]
     assert _tap_cosines(m, q.model, taps, feeds)[0] >= 0.999 - 1e-6
+
+
+@pytest.mark.parametrize("gate,expect", [("auto", ["output0"]), ("outputs", ["output0"]), ("inputs", "taps")])
+def test_region_gate_option(gate, expect, tmp_path):
+    """region_gate picks where a decode region's cosine floor holds: auto (outputs for a fixed-shape decode),
+    outputs, or inputs (the raw head tensors: stricter)."""
+    from passes.regions import region_inputs
+
+    m, rec = _static("ultralytics_detector", tmp_path)
+    ctx = _ctx(m, rec)
+    spec = get_pass("quant")
+    q = spec.fn(m, ctx, make_options(spec, {"calib_samples": 8, "min_cosine": 0.5, "floor_samples": 8,
+                                            "region_gate": gate}))
+    gated = list(q.stats["floor"]["measured"]["cosine"])
+    taps = [f"{k}:{i}" for k, i in region_inputs(m, find_postprocess(m))]
+    assert gated == (taps if expect == "taps" else expect)
+    with pytest.raises(Exception, match="region_gate"):
+        make_options(spec, {"region_gate": "everywhere"})

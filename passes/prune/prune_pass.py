@@ -64,8 +64,14 @@ class PruneOptions:
     min_top1_agreement: float | None = None
     min_cosine: float | None = None
     cosine_scope: str = "all"
+    region_gate: str = "auto"  # auto | inputs | outputs (passes/floor.py)
     floor_samples: int = 16
     floor_steps: int = 4
+
+    @property
+    def floor_spec(self) -> FloorSpec:
+        return FloorSpec(self.min_top1_agreement, None, self.min_cosine, self.cosine_scope, self.floor_samples,
+                         self.region_gate)
 
     def __post_init__(self):
         budgets = [b for b in (self.target_macs, self.target_params, self.target_latency_ms) if b is not None]
@@ -88,7 +94,7 @@ class PruneOptions:
             raise ValueError(f"recovery must be one of {', '.join(RECOVERIES)}, got {self.recovery!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
-        FloorSpec(self.min_top1_agreement, None, self.min_cosine, self.cosine_scope, self.floor_samples)
+        self.floor_spec  # validates the floor options
         for nm in ("calib_samples", "score_samples", "fidelity_samples", "ga_population", "ga_generations", "ga_bits",
                    "max_positions", "latency_iters", "floor_steps"):
             if not isinstance(getattr(self, nm), int) or getattr(self, nm) < 1:
@@ -608,8 +614,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
             cache: dict = {}
             pruned, a, keep_idx, rstats, stats, base = _prune_once(model, groups, ctx, opts, budget, scores, notes,
                                                                    acts, probe, cache)
-            floor = OutputFloor(ctx, FloorSpec(opts.min_top1_agreement, None, opts.min_cosine, opts.cosine_scope,
-                                               opts.floor_samples), model)
+            floor = OutputFloor(ctx, opts.floor_spec, model)
             if floor.active and keep_idx:
                 res = _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor,
                                     (pruned, a, keep_idx, rstats, stats, base))

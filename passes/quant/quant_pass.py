@@ -61,6 +61,7 @@ class QuantOptions:
     max_accuracy_drop: float | None = None       # in points of accuracy (0-100), needs calibration labels
     min_cosine: float | None = None              # per-output cosine floor vs the original (passes/floor.py)
     cosine_scope: str = "all"                    # all | dense_models (see passes/floor.py)
+    region_gate: str = "auto"                    # auto | inputs | outputs: decode-region floors (passes/floor.py)
     floor_samples: int = 64
     kernel_check: bool = True
     quantize_outputs: bool = False               # Q/DQ on graph outputs so their producing layers can run int8
@@ -99,7 +100,7 @@ class QuantOptions:
     @property
     def floor_spec(self) -> FloorSpec:
         return FloorSpec(self.min_top1_agreement, self.max_accuracy_drop, self.min_cosine, self.cosine_scope,
-                         self.floor_samples)
+                         self.floor_samples, self.region_gate)
         if self.calib_samples <= 0 or self.sensitivity_samples <= 0:
             raise ValueError("sample counts must be positive")
 
