@@ -32,7 +32,9 @@ class PassContext:
     calib_batches: callable returning a fresh iterator of feeds {input_name: array}, one sample each (batch 1
         unless the model has a fixed larger batch). Streamed: never materialise all activations.
     calib_labels: optional int labels aligned with calib_batches (enables cross-entropy criteria).
-    reference_model: the original FP32 model (before any pass), for recovery targets and fidelity.
+    reference_model: the original FP32 model, for recovery targets and fidelity floors; the runner advances it to
+        the output of the leading exact passes (normalize, cleanup: the same function within 1e-4, with the node
+        names later passes see).
     torch_model: the source nn.Module when the model came from torch (None for ONNX inputs).
     quant_dialect: the target's quantization dialect (a passes.quant dialect object) or None.
     seed: the one seed every random choice flows from.
