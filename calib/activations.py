@@ -27,8 +27,9 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 
 
 def stream_activations(model: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.ndarray]],
-                       *, threads: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    sess = ort_session(with_outputs(model, names), threads=threads, optimize=False)
+                       *, threads: int = 1, optimize: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """{name: array} per feed for `names` (graph outputs or inner tensors); optimize: ORT graph optimizations on."""
+    sess = ort_session(with_outputs(model, names), threads=threads, optimize=optimize)
     out_names = [o.name for o in sess.get_outputs()]
     idx = [out_names.index(n) for n in names]
     for f in feeds:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from calib.activations import with_outputs
+from calib.activations import stream_activations
 from passes.regions import find_postprocess, node_key, region_inputs, tap_tensors
 from pipeline.errors import EdgecError
 
@@ -45,7 +45,7 @@ class FloorSpec:
         for nm in ("min_top1_agreement", "min_cosine"):
             v = getattr(self, nm)
             if v is not None and not (isinstance(v, (int, float)) and -1.0 <= float(v) <= 1.0):
-                raise ValueError(f"{nm} must be a number in [0, 1], got {v!r}")
+                raise ValueError(f"{nm} must be a number in [-1, 1], got {v!r}")
         if self.cosine_scope not in COSINE_SCOPES:
             raise ValueError(f"cosine_scope must be one of {', '.join(COSINE_SCOPES)}, got {self.cosine_scope!r}")
         if self.region_gate not in REGION_GATES:
@@ -58,12 +58,6 @@ class FloorSpec:
         return any(v is not None for v in (self.min_top1_agreement, self.max_accuracy_drop, self.min_cosine))
 
 
-def _pick(sess, outs: list, names: list[str]) -> list:
-    """Outputs of a session run, in the order of `names` (a tapped tensor may also be a graph output)."""
-    by = dict(zip([o.name for o in sess.get_outputs()], outs))
-    return [by[n] for n in names]
-
-
 def _classifier_shaped(a: np.ndarray) -> bool:
     return a.ndim == 2 and a.shape[1] >= 2
 
@@ -73,8 +67,6 @@ class OutputFloor:
 
     def __init__(self, ctx, spec: FloorSpec, model: onnx.ModelProto, always: bool = False):
         """always=True prepares the samples even without a floor (a search that scores every candidate)."""
-        from pipeline.onnx_io import ort_session, run_session
-
         self.spec = spec
         self.active = spec.active
         if not self.active and not always:
@@ -99,12 +91,9 @@ class OutputFloor:
                 self.gate_taps = {"auto": post.selection, "inputs": True, "outputs": False}[spec.region_gate]
                 made = {o for n in model.graph.node if node_key(n) in post.nodes for o in n.output}
                 self.region_outputs = [n for n in self.names if n in made]
-                ref = with_outputs(ref, ref_t)
-        rs = ort_session(ref, threads=ctx.threads, optimize=True)
         # with the floor on the region's inputs, its data-dependent outputs are not compared (their shapes differ)
         self.out_names = [n for n in self.names if not (self.gate_taps and n in self.region_outputs)]
-        want = self.out_names + (ref_t if self.taps else [])
-        self.ref = [_pick(rs, run_session(rs, f), want) for f in self.feeds]
+        self.ref = self._run(ref)
         self.all_names = self.out_names + [f"{k}:{i}" for k, i in self.taps]
         shapes = [np.asarray(o) for o in self.ref[0][: len(self.out_names)]]
         self.cls_index = next((i for i, a in enumerate(shapes) if _classifier_shaped(a)), None)
@@ -125,22 +114,22 @@ class OutputFloor:
             raise EdgecError("min_top1_agreement / max_accuracy_drop need a classifier output ([N, C]); this model has "
                              f"none ({', '.join(self.names)}): use min_cosine")
 
+    def _run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
+        """The compared outputs, then the tapped region inputs, per calibration sample."""
+        taps = tap_tensors(model, self.taps) if self.taps else []
+        if taps is None:
+            raise EdgecError("a pass removed a node of the decode region; the fidelity floor cannot read it")
+        want = self.out_names + taps
+        return [[d[n] for n in want]
+                for d in stream_activations(model, want, self.feeds, threads=self.threads, optimize=True)]
+
     def measure(self, model: onnx.ModelProto) -> dict:
         from pipeline.fidelity import Comparator
-        from pipeline.onnx_io import ort_session, run_session
 
-        want = list(self.out_names)
-        if self.taps:
-            cand_t = tap_tensors(model, self.taps)
-            if cand_t is None:
-                raise EdgecError("a pass removed a node of the decode region; the fidelity floor cannot read it")
-            model = with_outputs(model, cand_t)
-            want += cand_t
-        s = ort_session(model, threads=self.threads, optimize=True)
         comp = Comparator(self.all_names)
-        for i, (f, r) in enumerate(zip(self.feeds, self.ref)):
+        for i, (out, r) in enumerate(zip(self._run(model), self.ref)):
             lab = None if self.labels is None else np.asarray([self.labels[i]])
-            comp.update(_pick(s, run_session(s, f), want), r, lab)
+            comp.update(out, r, lab)
         per = comp.result()["per_output"]
         out: dict = {"samples": len(self.feeds)}
         if self.cls_index is not None:

@@ -81,7 +81,7 @@ def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01,
         return any(o in outs for i in idx for o in nodes[i].output)
 
     shapes = static_shapes(model, input_shapes)
-    region, seeds, weights = set(), [], 0
+    region, seeds = set(), []
     for i, n in enumerate(nodes):
         c = None
         if n.op_type in SELECT_OPS:

@@ -189,8 +189,9 @@ def _compile_model(opts: CompileOptions) -> dict:
                      "eval_description": evals.description, "disjoint": True,
                      "labels": calib.labels is not None},
             "passes": [s.as_dict() for s in result.stages],
-            "costs": {"original": {**_costs_at(reference, concrete).as_dict(), "model_bytes": ref_bytes},
-                      "final": {**_costs_at(final, concrete).as_dict(), "model_bytes": final_bytes}},
+            # at the compile shape: symbolic (--dynamic) input dims take their compile-time values
+            "costs": {"original": {**count_costs(reference, concrete).as_dict(), "model_bytes": ref_bytes},
+                      "final": {**count_costs(final, concrete).as_dict(), "model_bytes": final_bytes}},
             "bench": bench,
             "fidelity": fidelity,
             "target_build": {k: v for k, v in build.items() if k != "artifacts"},
@@ -213,11 +214,6 @@ def _compile_model(opts: CompileOptions) -> dict:
         rep.write_json(tmp / "manifest.json", manifest)
     report["out"] = str(out)
     return report
-
-
-def _costs_at(model: onnx.ModelProto, concrete: dict | None):
-    """MACs/params at the compile shape: symbolic (--dynamic) input dims take their compile-time values."""
-    return count_costs(model, concrete)
 
 
 def _collect_plots(stages, outdir: Path) -> None:

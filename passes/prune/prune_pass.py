@@ -273,7 +273,7 @@ class FidelityProbe:
         self.ref = self._run(model)
 
     def _run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
-        from calib.activations import with_outputs
+        from calib.activations import stream_activations
         from passes.regions import tap_tensors
         from pipeline.onnx_io import ort_session, run_session
 
@@ -281,13 +281,8 @@ class FidelityProbe:
             sess = ort_session(model, threads=self.threads, optimize=True)
             return [run_session(sess, f) for f in self.feeds]
         names = tap_tensors(model, self.taps)
-        sess = ort_session(with_outputs(model, names), threads=self.threads, optimize=True)
-        order = [o.name for o in sess.get_outputs()]
-        outs = []
-        for f in self.feeds:
-            by = dict(zip(order, run_session(sess, f)))
-            outs.append([by[n] for n in names])
-        return outs
+        return [[d[n] for n in names]
+                for d in stream_activations(model, names, self.feeds, threads=self.threads, optimize=True)]
 
     def __call__(self, model: onnx.ModelProto) -> float:
         outs = self._run(model)
@@ -614,14 +609,15 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
             cache: dict = {}
             pruned, a, keep_idx, rstats, stats, base = _prune_once(model, groups, ctx, opts, budget, scores, notes,
                                                                    acts, probe, cache)
-            floor = OutputFloor(ctx, opts.floor_spec, model)
-            if floor.active and keep_idx:
-                res = _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor,
-                                    (pruned, a, keep_idx, rstats, stats, base))
+            floor = OutputFloor(ctx, opts.floor_spec, model) if keep_idx else None  # nothing removed: nothing to hold
+            if floor is not None and floor.active:
+                res, info = _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache,
+                                          floor, (pruned, a, keep_idx, rstats, stats, base))
                 if res is None:
                     return PassResult(model, False, {"skipped": "no pruned model holds the fidelity floor",
-                                                     "floor": stats["floor"]})
+                                                     "floor": info})
                 pruned, a, keep_idx, rstats, stats, base = res
+                stats["floor"] = info
     if opts.finetune_epochs > 0:
         from passes.prune import torch_tools
 
@@ -664,8 +660,8 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
 
 
 def _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor, first):
-    """The budget's model, or, if it is below the floor, the most pruned of `floor_steps` bisection points between
-    the budget and 1.0 (the unpruned model) that holds it; None when none does. History goes to stats["floor"]."""
+    """(result, floor stats): the budget's result, or, if it is below the floor, the most pruned of `floor_steps`
+    bisection points between the budget and 1.0 (the unpruned model) that holds it; None when none does."""
     meas = floor.measure(first[0])
     hist = [{"target": round(budget.target, 4), "ok": floor.ok(meas), **meas}]
     best, best_meas = (first, meas) if floor.ok(meas) else (None, None)
@@ -684,8 +680,7 @@ def _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, 
             "measured_on": "calibration samples"}
     if best is not None and best is not first:
         info["note"] = f"{budget.kind} budget {budget.target:g} is below the floor; relaxed to {hi:.3f}"
-    (best or first)[4]["floor"] = info
-    return best
+    return best, info
 
 
 def _latency_search(model, groups, ctx, opts, scores, notes, acts, probe, lat):
