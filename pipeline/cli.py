@@ -57,6 +57,7 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
                    help="target option (repeatable), e.g. dla_core=0, workspace_mb=1024, builder_opt_level=3")
     g.add_argument("--out", help="output directory (default: out/<model>-<target>-<recipe>)")
     g.add_argument("--seed", type=int, default=0, help="the one seed every random choice flows from (default: 0)")
+    g.add_argument("--cache-dir", help="where measurements that steer choices are cached (default: .cache/edgec)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="calibration/eval data: bundled | synthetic | DIR | .npy | .npz (default: bundled)")
     g.add_argument("--calib-samples", type=int, default=64)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                               threads=tuple(args.threads), seed=args.seed, bench=args.bench, memory=args.memory,
                               warmup=args.warmup, runs=args.runs, opt_level=args.opt_level,
                               dynamic_batch=args.dynamic_batch, dynamic=args.dynamic, max_memory=args.max_memory,
-                              mean=args.mean, std=args.std, layout=args.layout,
+                              mean=args.mean, std=args.std, layout=args.layout, cache_dir=args.cache_dir,
                               target_opts=_target_opts(args.target_opt), command=command_line())
         report = compile_model(opts)
         print(summary_table(report))
