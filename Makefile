@@ -34,7 +34,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[torch,dev]'
 	@touch $@
 
 compile: $(STAMP)
@@ -60,7 +60,7 @@ bench-realworld: $(STAMP)
 	$(PY) bench/bench_realworld.py $(ARGS)
 
 artifacts: $(STAMP)
-	$(PY) -m pipeline.artifacts artifacts.yaml $(ARGS)
+	$(PY) -m edgec.pipeline.artifacts artifacts.yaml $(ARGS)
 
 rules: $(STAMP)
 	$(PY) -m targets.tensorrt.rules $(onnx)

@@ -25,27 +25,26 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("bench_prune")
 
 
 def _cleanup(m):
-    from passes.base import PassContext, get_pass, make_options
+    from edgec.passes.base import PassContext, get_pass, make_options
 
     spec = get_pass("cleanup")
     return spec.fn(m, PassContext(calib_batches=lambda: iter([])), make_options(spec, {})).model
 
 
 def _export(module, shape):
-    from pipeline.export import export_torch
+    from edgec.torchkit.export import export_torch
 
     m, _ = export_torch(module, shape)
     return _cleanup(m)
 
 
 def _fidelity(model, ref_out, feeds):
-    from pipeline.onnx_io import ort_session
+    from edgec.core.onnx_io import ort_session
 
     s = ort_session(model, optimize=True)
     top1 = top5 = 0
@@ -60,7 +59,7 @@ def _fidelity(model, ref_out, feeds):
 
 
 def _latency(base, model, feed, runs):
-    from targets.bench import latency_interleaved
+    from edgec.targets.bench import latency_interleaved
 
     res = latency_interleaved({"fp32": base, "pruned": model}, feed, threads=1, warmup=20, runs=runs)
     return {"speedup": res["pruned"]["speedup_vs_fp32"], "fp32_ms": res["fp32"]["median_ms"],
@@ -68,7 +67,7 @@ def _latency(base, model, feed, runs):
 
 
 def _macs(m):
-    from passes.prune.graph import CostModel
+    from edgec.passes.prune.graph import CostModel
 
     return CostModel(m).base_macs
 
@@ -108,13 +107,13 @@ def torch_pruning_l1(module_fn, shape, target, round_to=8):
 
 
 def run(args):
-    from calib.data import InputInfo, load_splits
-    from passes.base import PassContext
-    from passes.prune import prune_pass as P
-    from passes.prune.apply import remove_channels
-    from passes.prune.graph import CostModel, analyze
-    from pipeline.onnx_io import ort_session
-    from pipeline.sources import efficientnet_lite0, resolve
+    from edgec.calib.data import InputInfo, load_splits
+    from edgec.passes.base import PassContext
+    from edgec.passes.prune import prune_pass as P
+    from edgec.passes.prune.apply import remove_channels
+    from edgec.passes.prune.graph import CostModel, analyze
+    from edgec.core.onnx_io import ort_session
+    from edgec.pipeline.sources import efficientnet_lite0, resolve
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +168,7 @@ def run(args):
                     t1 = time.time()
                     try:
                         cands = P._candidates(groups, opts)
-                        from passes.prune import allocate as A
+                        from edgec.passes.prune import allocate as A
 
                         budget = A.Budget("macs", tgt)
                         floor = cost({g.id: A.round_keep(0, g.size, opts.round_to, g.align) for g in cands})
@@ -246,9 +245,9 @@ def speed_check(args):
     """EfficientNet-Lite0 and ResNet-50 at 0.5 x MACs, criterion l1, uniform, round_to 8; 1-thread speedup."""
     import torchvision
 
-    from calib.data import InputInfo, load_splits
-    from passes.base import PassContext, get_pass, make_options
-    from pipeline.sources import efficientnet_lite0
+    from edgec.calib.data import InputInfo, load_splits
+    from edgec.passes.base import PassContext, get_pass, make_options
+    from edgec.pipeline.sources import efficientnet_lite0
 
     res = {}
     for name, fn in (("efficientnet_lite0", efficientnet_lite0),
@@ -256,7 +255,7 @@ def speed_check(args):
         try:
             base = _export(fn(), (1, 3, 224, 224))
             calib, _ = load_splits(None, [InputInfo("input", (1, 3, 224, 224))],
-                                   __import__("calib.data", fromlist=["Preprocess"]).Preprocess(), n_calib=8, n_eval=1)
+                                   __import__("edgec.calib.data", fromlist=["Preprocess"]).Preprocess(), n_calib=8, n_eval=1)
             ctx = PassContext(calib_batches=lambda: calib.iter_feeds())
             spec = get_pass("prune")
             r = spec.fn(base, ctx, make_options(spec, {"target_macs": 0.5, "criterion": "l1", "allocation": "uniform",
@@ -284,8 +283,8 @@ def _fmt_row(r):
 
 
 def main(argv=None):
-    from passes.prune.allocate import ALLOCATIONS
-    from passes.prune.criteria import CRITERIA
+    from edgec.passes.prune.allocate import ALLOCATIONS
+    from edgec.passes.prune.criteria import CRITERIA
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 criteria x 2 allocations at 0.8 x MACs, 100-sample eval")

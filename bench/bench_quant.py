@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _export():
-    from passes.base import PassContext, get_pass, make_options
-    from pipeline.export import export_torch
-    from pipeline.sources import resolve
+    from edgec.passes.base import PassContext, get_pass, make_options
+    from edgec.torchkit.export import export_torch
+    from edgec.pipeline.sources import resolve
 
     src = resolve("efficientnet_lite0")
     m, _ = export_torch(src.module, src.input_shape)
@@ -64,8 +63,8 @@ def _peer(model_path: str, calib, method: str, workdir: Path) -> onnx.ModelProto
 
 
 def _fidelity(model, ref_outs, evals) -> dict:
-    from pipeline.fidelity import Comparator
-    from pipeline.onnx_io import ort_session
+    from edgec.core.fidelity import Comparator
+    from edgec.core.onnx_io import ort_session
 
     s = ort_session(model, threads=2, optimize=True)
     comp = Comparator([o.name for o in model.graph.output][:1])
@@ -75,7 +74,7 @@ def _fidelity(model, ref_outs, evals) -> dict:
 
 
 def _time(models: dict[str, onnx.ModelProto], runs: int, warmup: int = 20) -> dict:
-    from pipeline.onnx_io import ort_session
+    from edgec.core.onnx_io import ort_session
 
     names = list(models)
     sess = {n: ort_session(models[n], threads=1, optimize=True) for n in names}
@@ -109,12 +108,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log = logging.getLogger("bench_quant")
     log.setLevel(logging.INFO)
-    from calib.data import InputInfo, load_splits
-    from passes.base import PassContext
-    from passes.quant.quant_pass import quantize
-    from pipeline.onnx_io import ort_session, save_onnx
-    from targets.ort_kernels import effective_precision
-    from targets.ort_latency import OrtLatencyProbe
+    from edgec.calib.data import InputInfo, load_splits
+    from edgec.passes.base import PassContext
+    from edgec.passes.quant.quant_pass import quantize
+    from edgec.core.onnx_io import ort_session, save_onnx
+    from edgec.targets.ort_kernels import effective_precision
+    from edgec.targets.ort_latency import OrtLatencyProbe
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,14 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COS_TARGET, SPEED_TARGET = 0.99, 1.3
 
 
 def run_one(key: str, writer, size: str, recipe: str, out: Path, sets: list[str], seed: int,
             dynamic: bool = False) -> dict:
-    from pipeline.cli import main
+    from edgec.pipeline.cli import main
 
     rec = writer(out / "models" / key, size=size)
     dest = out / key

@@ -1,6 +1,6 @@
 """Coverage benchmark for structured channel removal (issue 3, "Done when" item 2).
 
-For each torchvision model: export (pipeline.export.export_torch), cleanup pass, analyze dependency groups,
+For each torchvision model: export (torchkit.export.export_torch), cleanup pass, analyze dependency groups,
 choose one uniform ratio r for every prunable group by bisection on the analytic CostModel so that
 MACs(pruned) / MACs(original) ~= 0.7 (kept = (1 - r) * size rounded to a multiple of 8 where the group is big
 enough, never 0), keep the channels with the largest L1 norm of their producer weights, remove them, then check:
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg16_bn", "mobilenet_v2",
           "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
@@ -31,9 +30,9 @@ def export_clean(name: str):
     import torch
     import torchvision
 
-    from passes.base import PassContext
-    from passes.cleanup import CleanupOptions, cleanup
-    from pipeline.export import export_torch
+    from edgec.passes.base import PassContext
+    from edgec.passes.cleanup import CleanupOptions, cleanup
+    from edgec.torchkit.export import export_torch
 
     torch.manual_seed(0)
     kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
@@ -44,7 +43,7 @@ def export_clean(name: str):
 
 
 def uniform_keep(groups, ratio: float, round_to: int = 8) -> dict[int, int]:
-    from passes.prune.graph import round_keep
+    from edgec.passes.prune.graph import round_keep
 
     return {g.id: round_keep(g, g.size * (1.0 - ratio), round_to) for g in groups if g.prunable}
 
@@ -67,7 +66,7 @@ def fit_ratio(cm, groups, target: float, round_to: int = 8) -> tuple[float, dict
 
 
 def l1_keep(model, groups, counts: dict[int, int]) -> dict[int, np.ndarray]:
-    from passes.prune.graph import producer_weights, select_channels
+    from edgec.passes.prune.graph import producer_weights, select_channels
 
     keep = {}
     for g in groups:
@@ -80,10 +79,10 @@ def l1_keep(model, groups, counts: dict[int, int]) -> dict[int, np.ndarray]:
 
 
 def run_one(name: str, target: float) -> dict:
-    from passes.costs import count_costs
-    from passes.prune.apply import remove_channels
-    from passes.prune.graph import CostModel, analyze
-    from pipeline.onnx_io import check_model, ort_session, run_session
+    from edgec.passes.costs import count_costs
+    from edgec.passes.prune.apply import remove_channels
+    from edgec.passes.prune.graph import CostModel, analyze
+    from edgec.core.onnx_io import check_model, ort_session, run_session
 
     t0 = time.time()
     row = {"model": name, "ok": False, "ratio": float("nan"), "pruned": 0, "prunable": 0, "groups": 0,

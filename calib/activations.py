@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx
 
-from pipeline.onnx_io import ort_session, run_session
+from edgec.core.onnx_io import ort_session, run_session
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from calib.activations import RunningMoments, stream_activations
-from calib.ranges import Histogram, estimate_range, range_mse
+from edgec.calib.activations import RunningMoments, stream_activations
+from edgec.calib.ranges import Histogram, estimate_range, range_mse
 
 log = logging.getLogger(__name__)
 

@@ -102,9 +102,9 @@ def _load_all() -> None:
     import importlib
     import pkgutil
 
-    import passes as pkg
+    import edgec.passes as pkg
 
-    for mod in pkgutil.walk_packages(pkg.__path__, prefix="passes."):
+    for mod in pkgutil.walk_packages(pkg.__path__, prefix="edgec.passes."):
         if mod.name.rsplit(".", 1)[-1].startswith("_"):
             continue
         importlib.import_module(mod.name)
@@ -113,7 +113,7 @@ def _load_all() -> None:
 def get_pass(name: str) -> PassSpec:
     _load_all()
     if name not in _REGISTRY:
-        from pipeline.errors import EdgecError
+        from edgec.core.errors import EdgecError
 
         raise EdgecError(f"unknown pass '{name}'; known passes: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -126,7 +126,7 @@ def list_passes() -> dict[str, PassSpec]:
 
 def make_options(spec: PassSpec, raw: dict[str, Any] | None) -> Any:
     """Build the pass's frozen options from a dict; unknown keys and bad types are errors."""
-    from pipeline.errors import EdgecError
+    from edgec.core.errors import EdgecError
 
     raw = dict(raw or {})
     fields = {f.name: f for f in dataclasses.fields(spec.options)}

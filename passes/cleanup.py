@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from passes.base import PassContext, PassResult, register_pass
+from edgec.passes.base import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 

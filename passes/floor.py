@@ -3,7 +3,7 @@ against the reference (original FP32) model, it keeps
 
   top-1 agreement >= min_top1_agreement        (the first classifier-shaped output: 2-D [N, C], C >= 2)
   accuracy drop   <= max_accuracy_drop          (points; needs calibration labels)
-  cosine(output)  >= min_cosine for each output in scope, cosine averaged over samples as in pipeline.fidelity
+  cosine(output)  >= min_cosine for each output in scope, cosine averaged over samples as in core.fidelity
 
 A decode / post-processing region (passes/regions.py) changes what "output" means: the tensors entering it (raw
 head outputs) are always measured. `region_gate: auto` holds the cosine floor on them when NMS / TopK / NonZero make
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from calib.activations import stream_activations
-from passes.regions import find_postprocess, node_key, region_inputs, tap_tensors
-from pipeline.errors import EdgecError
+from edgec.calib.activations import stream_activations
+from edgec.passes.regions import find_postprocess, node_key, region_inputs, tap_tensors
+from edgec.core.errors import EdgecError
 
 COSINE_SCOPES = ("all", "dense_models")
 REGION_GATES = ("auto", "inputs", "outputs")
@@ -124,7 +124,7 @@ class OutputFloor:
                 for d in stream_activations(model, want, self.feeds, threads=self.threads, optimize=True)]
 
     def measure(self, model: onnx.ModelProto) -> dict:
-        from pipeline.fidelity import Comparator
+        from edgec.core.fidelity import Comparator
 
         comp = Comparator(self.all_names)
         for i, (out, r) in enumerate(zip(self._run(model), self.ref)):

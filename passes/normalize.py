@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from passes.base import PassContext, PassResult, register_pass
+from edgec.passes.base import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 

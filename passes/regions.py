@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from passes.costs import static_shapes
+from edgec.passes.costs import static_shapes
 
 SELECT_OPS = {"NonMaxSuppression", "TopK", "NonZero"}
 LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

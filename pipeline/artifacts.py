@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Combo:
 
     @property
     def name(self) -> str:
-        from pipeline.sources import slug
+        from edgec.pipeline.sources import slug
 
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{slug(self.model)}-{self.target}-{Path(self.recipe).stem}")
 
@@ -147,7 +147,7 @@ def parse_spec(data: dict) -> tuple[list[Combo], Path | None]:
 
 def compile_combo(combo: Combo, outdir: Path) -> dict:
     """The one call into the public compile API (pipeline.compile.compile_model)."""
-    from pipeline.compile import CompileOptions, compile_model
+    from edgec.pipeline.compile import CompileOptions, compile_model
 
     opts = dict(combo.options)
     for k in ("threads", "overrides", "input_shapes"):

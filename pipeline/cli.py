@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from pipeline.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 EPILOG = """\
 examples:
@@ -76,7 +76,7 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
 
 
 def _target_opts(items: list[str]) -> dict:
-    from pipeline.recipe import parse_value
+    from edgec.pipeline.recipe import parse_value
 
     out = {}
     for it in items:
@@ -124,7 +124,7 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 def _cmd_passes() -> int:
     import dataclasses
 
-    from passes.base import list_passes
+    from edgec.passes.base import list_passes
 
     for name, spec in list_passes().items():
         print(f"{name}{' (exact)' if spec.exact else ''}: {spec.doc}")
@@ -135,7 +135,7 @@ def _cmd_passes() -> int:
 
 
 def _cmd_recipes() -> int:
-    from pipeline.recipe import available, load_recipe
+    from edgec.pipeline.recipe import available, load_recipe
 
     for r in available():
         rec = load_recipe(r)
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_passes()
         if args.cmd == "recipes":
             return _cmd_recipes()
-        from pipeline.compile import CompileOptions, command_line, compile_model
-        from pipeline.report import summary_table
+        from edgec.pipeline.compile import CompileOptions, command_line, compile_model
+        from edgec.pipeline.report import summary_table
 
         opts = CompileOptions(model=args.model, target=args.target, recipe=args.recipe, out=args.out,
                               overrides=args.overrides, input_shapes=args.input_shape, weights=args.weights,

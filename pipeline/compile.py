@@ -16,19 +16,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from calib.data import InputInfo, Preprocess, load_splits
-from passes.base import PassContext
-from passes.costs import count_costs
-from pipeline import report as rep
-from pipeline.errors import EdgecError
-from pipeline.fidelity import Comparator
-from pipeline.guards import MemoryGuard, check_activation_budget, check_finite_state_dict, parse_memory
-from pipeline.importer import finish_dynamic, fix_input_shapes, load_onnx_file, parse_shapes, plan_input_shapes
-from pipeline.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
-from pipeline.recipe import load_recipe
-from pipeline.runner import run_recipe, verify
-from pipeline.sources import OnnxSource, TorchSource, resolve
-from targets.base import BuildContext, get_target
+from edgec.calib.data import InputInfo, Preprocess, load_splits
+from edgec.passes.base import PassContext
+from edgec.passes.costs import count_costs
+from edgec.pipeline import report as rep
+from edgec.core.errors import EdgecError
+from edgec.core.fidelity import Comparator
+from edgec.pipeline.guards import MemoryGuard, check_activation_budget, check_finite_state_dict, parse_memory
+from edgec.pipeline.importer import finish_dynamic, fix_input_shapes, load_onnx_file, parse_shapes, plan_input_shapes
+from edgec.core.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
+from edgec.pipeline.recipe import load_recipe
+from edgec.pipeline.runner import run_recipe, verify
+from edgec.pipeline.sources import OnnxSource, TorchSource, resolve
+from edgec.targets.base import BuildContext, get_target
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def load_source(opts: CompileOptions):
         except ValueError as e:
             raise EdgecError(f"bad preprocessing: {e}") from None
     if isinstance(src, TorchSource):
-        from pipeline.export import export_torch
+        from edgec.torchkit.export import export_torch
 
         if opts.dynamic:
             raise EdgecError("--dynamic applies to ONNX models; for torch models use --dynamic-batch")
@@ -243,7 +243,7 @@ def run_bench(target, outdir: Path, reference: onnx.ModelProto, bctx: BuildConte
     tb = getattr(target, "bench", None)
     if tb is not None:
         return tb(outdir, bctx)
-    from targets.bench import latency_interleaved, peak_rss
+    from edgec.targets.bench import latency_interleaved, peak_rss
 
     feeds = bctx.eval_split.feeds(0)
     lat = {}
@@ -251,7 +251,7 @@ def run_bench(target, outdir: Path, reference: onnx.ModelProto, bctx: BuildConte
         _progress(f"timing original vs compiled, {t} thread(s): {opts.warmup} warm-up + {opts.runs} runs each, interleaved")
         lat[str(t)] = latency_interleaved({"original": reference, "compiled": str(outdir / "model.onnx")}, feeds,
                                           threads=t, warmup=opts.warmup, runs=opts.runs, opt_level=opts.opt_level)
-    from targets.bench import plot_latency
+    from edgec.targets.bench import plot_latency
 
     plot_latency(lat, outdir / "latency.png")
     for d in lat.values():  # raw samples live in the plot, not in the report

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def check_finite_array(a: np.ndarray, what: str) -> None:
 def activation_bytes(model: onnx.ModelProto) -> int:
     """Sum of the statically known sizes of every intermediate tensor (after shape inference); a lower bound
     on what running the model allocates without memory reuse -- used to refuse absurd shapes before running."""
-    from pipeline.onnx_io import np_dtype
+    from edgec.core.onnx_io import np_dtype
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)

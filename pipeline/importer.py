@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import _first_line
+from edgec.core.errors import EdgecError
+from edgec.core.onnx_io import _first_line
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def load_onnx_bytes(data: bytes, *, name: str = "model.onnx", base_dir: str | os
     _run_checker(_without_external(model) if ext else model, name)
     if ext:
         read_external_data(ext, name)
-    from pipeline.guards import check_finite_weights
+    from edgec.pipeline.guards import check_finite_weights
 
     check_finite_weights(model, name)
     if total > LARGE_MODEL_BYTES:
@@ -673,8 +673,8 @@ def verify_at_shapes(model: onnx.ModelProto, reference: onnx.ModelProto, shapes:
                      *, seed: int = 0, cosine_min: float = 0.0) -> list[dict]:
     """Run the compiled model and the reference at each input shape on the same seeded inputs; returns per-shape
     per-output fidelity. Raises EdgecError when the compiled model fails to run or its output shapes differ."""
-    from pipeline.fidelity import Comparator
-    from pipeline.onnx_io import np_dtype, ort_session, run_session
+    from edgec.core.fidelity import Comparator
+    from edgec.core.onnx_io import np_dtype, ort_session, run_session
 
     cand = ort_session(model, optimize=False)
     ref = ort_session(reference, optimize=False)

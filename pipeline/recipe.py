@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from passes.base import get_pass, make_options, options_dict
-from pipeline.errors import EdgecError
+from edgec.passes.base import get_pass, make_options, options_dict
+from edgec.core.errors import EdgecError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # edgec.recipes (package_dir maps it)
 _TOP_KEYS = {"name", "description", "passes"}
 _STEP_KEYS = {"name", "options"}
 

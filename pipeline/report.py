@@ -4,46 +4,14 @@ report.json embeds the recipe, so any result can be reproduced from its report a
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 from pathlib import Path
 
-from pipeline.onnx_io import atomic_write
+from edgec.core.onnx_io import atomic_write
+from edgec.core.provenance import EDGEC_VERSION, sha256_file, tool_versions  # noqa: F401  (re-exported for the report)
 
 SCHEMA_VERSION = "1.0"
-EDGEC_VERSION = "0.1.0"
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
-
-
-def tool_versions() -> dict:
-    import numpy
-    import onnx
-    import onnxruntime
-
-    v = {"edgec": EDGEC_VERSION, "python": platform.python_version(), "onnx": onnx.__version__,
-         "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
-    try:
-        import torch
-
-        v["torch"] = torch.__version__
-    except ImportError:
-        pass
-    try:
-        import onnxscript
-
-        v["onnxscript"] = onnxscript.__version__
-    except ImportError:
-        pass
-    return v
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def validate(report: dict) -> None:

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from passes.base import PassContext, get_pass, options_dict
-from passes.costs import count_costs
-from pipeline.errors import EdgecError, PassFailed
-from pipeline.export import rel_err
-from pipeline.fidelity import Comparator
-from pipeline.onnx_io import check_model, ort_session, run_session
-from pipeline.recipe import Recipe
+from edgec.passes.base import PassContext, get_pass, options_dict
+from edgec.passes.costs import count_costs
+from edgec.core.errors import EdgecError, PassFailed
+from edgec.core.fidelity import Comparator, max_rel
+from edgec.core.onnx_io import check_model, ort_session, run_session
+from edgec.pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
 EXACT_RTOL = 1e-4
@@ -67,17 +66,6 @@ def verify(model: onnx.ModelProto, feeds: list[dict], *, stage: str, ran: tuple[
                 raise PassFailed(stage, "model produces NaN/Inf on calibration inputs", ran)
     del inferred
     return model, outs
-
-
-def max_rel(outs_a: list[list[np.ndarray]], outs_b: list[list[np.ndarray]]) -> float:
-    worst = 0.0
-    for oa, ob in zip(outs_a, outs_b):
-        for a, b in zip(oa, ob):
-            if np.issubdtype(np.asarray(b).dtype, np.floating):
-                worst = max(worst, rel_err(a, b))
-            elif not np.array_equal(a, b):
-                worst = max(worst, float("inf") if np.shape(a) != np.shape(b) else 1.0)
-    return worst
 
 
 def run_recipe(model: onnx.ModelProto, recipe: Recipe, ctx: PassContext, *, verify_samples: int = 4) -> RunResult:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calib.data import Preprocess
-from pipeline.errors import EdgecError
+from edgec.calib.data import Preprocess
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 

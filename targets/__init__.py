@@ -1,2 +1,2 @@
 """Backends: one module per target. Each builds, runs and benchmarks, and supplies its quantization dialect."""
-from targets.base import BuildContext, get_target, list_targets  # noqa: F401
+from edgec.targets.base import BuildContext, get_target, list_targets  # noqa: F401

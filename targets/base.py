@@ -15,9 +15,9 @@ from typing import Any
 
 import onnx
 
-from pipeline.errors import EdgecError
+from edgec.core.errors import EdgecError
 
-_TARGETS = {"ort": "targets.ort", "tensorrt": "targets.tensorrt", "jetson": "targets.jetson"}
+_TARGETS = {"ort": "edgec.targets.ort", "tensorrt": "edgec.targets.tensorrt", "jetson": "edgec.targets.jetson"}
 
 
 @dataclass

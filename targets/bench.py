@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pipeline.onnx_io import ort_session, run_session, save_onnx
+from edgec.core.onnx_io import ort_session, run_session, save_onnx
 
 log = logging.getLogger(__name__)
 MIN_WARMUP, MIN_RUNS = 20, 200
@@ -84,7 +84,7 @@ def peak_rss(model_path: str | Path, feeds: dict[str, np.ndarray], *, threads: i
         save_onnx(_identity_like(onnx.load(str(model_path), load_external_data=False)), empty)
 
         def probe(p):
-            out = subprocess.run([sys.executable, "-m", "targets.memprobe", str(p), str(fpath), str(threads), str(runs)],
+            out = subprocess.run([sys.executable, "-m", "edgec.targets.memprobe", str(p), str(fpath), str(threads), str(runs)],
                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                                  cwd=Path(__file__).resolve().parent.parent, timeout=600)
             if out.returncode != 0:

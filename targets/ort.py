@@ -12,9 +12,9 @@ from pathlib import Path
 
 import onnx
 
-from passes.quant.dialect import ORT_CPU
-from pipeline.onnx_io import atomic_write, ort_session
-from targets.base import BuildContext
+from edgec.passes.quant.dialect import ORT_CPU
+from edgec.core.onnx_io import atomic_write, ort_session
+from edgec.targets.base import BuildContext
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ def session_settings(threads: int, opt_level: str) -> dict:
 def make_probe(threads: int = 1, cache_dir: str | None = None, input_shapes: dict | None = None):
     """Measured costs for the quantizer: per-layer latency tables timed in ORT on this CPU (cached), at the compile
     shape (`input_shapes`) when the model keeps dynamic axes."""
-    from targets.ort_latency import make_probe as _make
+    from edgec.targets.ort_latency import make_probe as _make
 
     return _make(threads, cache_dir, input_shapes)
 
 
 def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
     """Write the ORT-optimized graph and the session settings next to model.onnx; check int8 layers run int8 kernels."""
-    from targets.ort_kernels import check_kernels
+    from edgec.targets.ort_kernels import check_kernels
 
     opt_path = outdir / "model.ort.onnx"
     ort_session(str(outdir / "model.onnx"), threads=ctx.threads[0], level=ctx.opt_level, optimized_path=str(opt_path))

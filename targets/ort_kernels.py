@@ -16,8 +16,8 @@ from collections import defaultdict
 
 import onnx
 
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import ort_session
+from edgec.core.errors import EdgecError
+from edgec.core.onnx_io import ort_session
 
 log = logging.getLogger(__name__)
 

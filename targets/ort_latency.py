@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.onnx_io import model_bytes, atomic_write, graph_input_names, ort_session
+from edgec.core.onnx_io import model_bytes, atomic_write, graph_input_names, ort_session
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class OrtLatencyProbe:
         self._tag = {"ort": ort.__version__, "cpu": _cpu_name(), "threads": self.threads}
 
     def _at(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        from passes.costs import with_input_shapes
+        from edgec.passes.costs import with_input_shapes
 
         return with_input_shapes(model, self.input_shapes)
 
@@ -128,7 +128,7 @@ class OrtLatencyProbe:
     # ------------------------------------------------------------------ per-layer table
     def layer_latency_table(self, model: onnx.ModelProto, layers, bits) -> dict[str, dict[int, float]]:
         """{layer name: {bits: ms}} for `layers` (passes.quant.qdq.Layer or names) at each of `bits`."""
-        from passes.quant.qdq import find_layers, output_point
+        from edgec.passes.quant.qdq import find_layers, output_point
 
         model = self._at(model)
         all_layers = {L.name: L for L in find_layers(model)}
@@ -266,12 +266,12 @@ class OrtLatencyProbe:
     # ------------------------------------------------------------------ kernel check (targets own it)
     def effective_precision(self, model: onnx.ModelProto) -> dict:
         """{layer: {claimed, effective, kernel}} after ORT graph optimization, without raising."""
-        from targets.ort_kernels import effective_precision
+        from edgec.targets.ort_kernels import effective_precision
 
         return effective_precision(model, threads=self.threads)
 
     def check_kernels(self, model: onnx.ModelProto, claimed_bits: dict[str, int]) -> dict:
-        from targets.ort_kernels import check_kernels
+        from edgec.targets.ort_kernels import check_kernels
 
         return check_kernels(model, claimed_bits, threads=self.threads)
 

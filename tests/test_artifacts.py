@@ -11,8 +11,8 @@ import yaml
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper, save_model
 
-from pipeline import artifacts as A
-from pipeline.errors import EdgecError
+from edgec.pipeline import artifacts as A
+from edgec.core.errors import EdgecError
 
 
 def tiny_onnx(path: Path) -> Path:

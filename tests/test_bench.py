@@ -4,8 +4,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.onnx_io import save_onnx
-from targets.bench import latency_interleaved, peak_rss
+from edgec.core.onnx_io import save_onnx
+from edgec.targets.bench import latency_interleaved, peak_rss
 
 
 def _matmul_model(n: int, seed=0):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from calib.data import CALIB_PHOTOS, EVAL_PHOTOS, InputInfo, Preprocess, load_splits
-from pipeline.errors import EdgecError
+from edgec.calib.data import CALIB_PHOTOS, EVAL_PHOTOS, InputInfo, Preprocess, load_splits
+from edgec.core.errors import EdgecError
 
 INP = [InputInfo("input", (1, 3, 64, 64))]
 

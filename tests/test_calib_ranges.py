@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calib.ranges import (ESTIMATORS, Histogram, estimate_range, expand_scales, fake_quant_weight, qparams,
+from edgec.calib.ranges import (ESTIMATORS, Histogram, estimate_range, expand_scales, fake_quant_weight, qparams,
                           quantize_weight, range_mse)
 
 rng = np.random.default_rng(0)

@@ -6,12 +6,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.base import PassContext, get_pass, make_options
-from pipeline.errors import PassFailed
-from pipeline.onnx_io import ort_session
-from pipeline.recipe import load_recipe
-from pipeline.runner import EXACT_RTOL, run_recipe
-from tests.foreign_models import foreign_cnn
+from edgec.passes.base import PassContext, get_pass, make_options
+from edgec.core.errors import PassFailed
+from edgec.core.onnx_io import ort_session
+from edgec.pipeline.recipe import load_recipe
+from edgec.pipeline.runner import EXACT_RTOL, run_recipe
+from edgec.testing.foreign_models import foreign_cnn
 
 RTOL = 1e-4  # the issue's bound for exact passes: max|y' - y| / max|y|
 
@@ -37,7 +37,7 @@ def _ops(m):
 def test_resnet18_cleanup_folds_bn_and_matches_export():
     import torchvision
 
-    from pipeline.export import export_torch
+    from edgec.torchkit.export import export_torch
 
     model, info = export_torch(torchvision.models.resnet18(weights=None).eval(), (1, 3, 224, 224))
     assert info["max_rel_err_vs_torch"] <= 1e-4
@@ -54,7 +54,7 @@ def test_resnet18_cleanup_folds_bn_and_matches_export():
 @pytest.mark.parametrize("opset", [11, 13, 17])
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_foreign_onnx_cleanup_exact(opset, dynamic):
-    from pipeline.importer import fix_input_shapes
+    from edgec.pipeline.importer import fix_input_shapes
 
     m = foreign_cnn(opset=opset, dynamic_hw=dynamic)
     m = fix_input_shapes(m, {"x": (1, 3, 32, 32)})
@@ -87,7 +87,7 @@ def test_dropout_and_identity_removed():
 def test_exact_pass_that_changes_outputs_fails_naming_the_pass(monkeypatch):
     from dataclasses import replace
 
-    import passes.base as pb
+    import edgec.passes.base as pb
 
     m = foreign_cnn(dynamic_hw=False)
 

@@ -5,9 +5,9 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.cli import main
-from pipeline.report import validate
-from tests.foreign_models import foreign_cnn
+from edgec.pipeline.cli import main
+from edgec.pipeline.report import validate
+from edgec.testing.foreign_models import foreign_cnn
 
 FAST = ["--no-bench", "--calib-samples", "4", "--eval-samples", "8", "-q"]
 

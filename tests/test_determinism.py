@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from edgec.pipeline.cli import main
 from tests import realworld_models as rw
 
 ROOT = Path(__file__).resolve().parent.parent

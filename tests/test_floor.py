@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-import tests.prune_models as pm
-from passes.base import PassContext, get_pass, make_options
-from passes.floor import FloorSpec, OutputFloor
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import ort_session
+import edgec.testing.prune_models as pm
+from edgec.passes.base import PassContext, get_pass, make_options
+from edgec.passes.floor import FloorSpec, OutputFloor
+from edgec.core.errors import EdgecError
+from edgec.core.onnx_io import ort_session
 
 
 def dense_model(seed: int = 0) -> onnx.ModelProto:
@@ -117,7 +117,7 @@ def test_quant_cosine_floor_bisects_promotions(tmp_path):
 @pytest.mark.parametrize("quantize_outputs", [False, True])
 def test_quantize_outputs_lets_the_output_layer_run_int8(tmp_path, quantize_outputs):
     """A Conv writing a graph output has no int8 kernel unless the output gets Q/DQ (the DQ keeps its name)."""
-    from targets.ort_latency import OrtLatencyProbe
+    from edgec.targets.ort_latency import OrtLatencyProbe
 
     m = dense_model()
     ctx = _ctx(m, n=16)
@@ -156,7 +156,7 @@ def test_quantize_outputs_leaves_classifier_logits_float(tmp_path):
 
 def test_prune_fidelity_probe_uses_cosine_on_dense_outputs():
     """The allocation probe scores a dense output by cosine (not a softmax over the flattened map)."""
-    from passes.prune.prune_pass import FidelityProbe
+    from edgec.passes.prune.prune_pass import FidelityProbe
 
     m = dense_model()
     ctx = _ctx(m, n=8)
@@ -167,9 +167,9 @@ def test_prune_fidelity_probe_uses_cosine_on_dense_outputs():
 
 
 def test_prune_fidelity_probe_reads_the_head_behind_topk():
-    from passes.prune.prune_pass import FidelityProbe
-    from calib.activations import with_outputs
-    from passes.regions import tap_tensors
+    from edgec.passes.prune.prune_pass import FidelityProbe
+    from edgec.calib.activations import with_outputs
+    from edgec.passes.regions import tap_tensors
     from tests.test_regions import _topk_detector
 
     m = _topk_detector()

@@ -19,12 +19,12 @@ import onnx
 import pytest
 from onnx import TensorProto as T
 
-from calib.data import synthetic_splits
-from pipeline.compile import _inputs
-from pipeline.errors import EdgecError
-from pipeline.guards import check_activation_budget, data_limit
-from pipeline.importer import fix_input_shapes, load_onnx_bytes
-from pipeline.runner import verify
+from edgec.calib.data import synthetic_splits
+from edgec.pipeline.compile import _inputs
+from edgec.core.errors import EdgecError
+from edgec.pipeline.guards import check_activation_budget, data_limit
+from edgec.pipeline.importer import fix_input_shapes, load_onnx_bytes
+from edgec.pipeline.runner import verify
 from tests import realworld_models as rw
 from tests.test_hostile import OpenLog
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import EdgecError
-from pipeline.guards import (MemoryGuard, MemoryLimitExceeded, check_activation_budget, check_finite_array,
+from edgec.core.errors import EdgecError
+from edgec.pipeline.guards import (MemoryGuard, MemoryLimitExceeded, check_activation_budget, check_finite_array,
                              current_rss, data_limit, parse_memory)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def test_guard_hard_stop_when_native_code_does_not_return():
     watchdog prints the one line and exits the process with code 2 before it can exhaust the machine."""
     code = textwrap.dedent("""
         import numpy as np, time
-        from pipeline.guards import MemoryGuard, current_rss
+        from edgec.pipeline.guards import MemoryGuard, current_rss
         with MemoryGuard(current_rss() + (100 << 20), grace_s=0.5, stage="activation statistics"):
             a = np.ones(1_200_000_000, np.uint8)   # 1.2 GB in one C call
             time.sleep(5)                          # still over the limit: the guard must have ended us by now
@@ -102,7 +102,7 @@ def test_check_finite_array():
 
 
 def test_cli_max_memory_one_line(tmp_path, capsys):
-    from pipeline.cli import main
+    from edgec.pipeline.cli import main
     from tests import realworld_models as rw
 
     rec = rw.write_attention(tmp_path)
@@ -117,7 +117,7 @@ def test_cli_max_memory_one_line(tmp_path, capsys):
 
 
 def test_cli_max_memory_refuses_absurd_input_shape_before_running(tmp_path, capsys):
-    from pipeline.cli import main
+    from edgec.pipeline.cli import main
     from tests import realworld_models as rw
 
     rec = rw.write_ultralytics(tmp_path)

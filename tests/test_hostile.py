@@ -16,9 +16,9 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from pipeline.cli import main
-from pipeline.errors import EdgecError
-from pipeline.importer import load_onnx_file
+from edgec.pipeline.cli import main
+from edgec.core.errors import EdgecError
+from edgec.pipeline.importer import load_onnx_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--no-bench", "--calib-samples", "2", "--eval-samples", "2", "-q", "--recipe", "cleanup"]
@@ -313,7 +313,7 @@ def test_model_over_2gb_single_file_refused_before_reading(tmp_path, capsys):
 def test_large_model_goes_through_external_data_path(tmp_path, capsys, monkeypatch):
     """With the threshold lowered: the checker only ever sees the model without its weights, the weights are read
     from the validated byte ranges, and compile succeeds."""
-    import pipeline.importer as imp
+    import edgec.pipeline.importer as imp
 
     monkeypatch.setattr(imp, "LARGE_MODEL_BYTES", 100)
     mdir = tmp_path / "m"
@@ -388,7 +388,7 @@ def test_nan_inf_in_weights(tmp_path, capsys, bad):
 
 
 def test_inf_mask_constant_is_allowed():
-    from pipeline.guards import check_finite_weights
+    from edgec.pipeline.guards import check_finite_weights
 
     nodes = [helper.make_node("Less", ["x", "zero"], ["cond"]), helper.make_node("Where", ["cond", "neg_inf", "x"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [4])],
@@ -462,7 +462,7 @@ def _good_artifact(tmp_path, capsys) -> tuple[Path, Path, dict]:
 
 def test_disk_full_during_write_keeps_previous_artifact(tmp_path, capsys, monkeypatch):
     p, out, before = _good_artifact(tmp_path, capsys)
-    import pipeline.onnx_io as io
+    import edgec.core.onnx_io as io
 
     real_fsync = os.fsync
 

@@ -18,11 +18,11 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from calib.data import DataSplit
-from pipeline.errors import EdgecError
-from pipeline.fidelity import Comparator
-from pipeline.recipe import Recipe
-from targets.base import BuildContext
+from edgec.calib.data import DataSplit
+from edgec.core.errors import EdgecError
+from edgec.core.fidelity import Comparator
+from edgec.pipeline.recipe import Recipe
+from edgec.targets.base import BuildContext
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -71,7 +71,7 @@ def make_ctx(extra=None, n=6):
 
 
 def build_bundle(tmp_path, name="b", *, quantized=True, extra=None):
-    from targets import jetson
+    from edgec.targets import jetson
 
     out = tmp_path / name
     out.mkdir()
@@ -181,7 +181,7 @@ def test_trtexec_fp16_and_dla(tmp_path):
 
 
 def test_reference_outputs_match_the_fp32_model(bundle, bench_mod):
-    from pipeline.onnx_io import ort_session
+    from edgec.core.onnx_io import ort_session
 
     feeds, refs, names, labels, meta = bench_mod.load_reference(str(bundle[0] / "reference_outputs.npz"))
     assert names == ["logits"] and meta["samples"] == 6 and labels is None
@@ -192,7 +192,7 @@ def test_reference_outputs_match_the_fp32_model(bundle, bench_mod):
 
 
 def test_rule_violation_stops_the_bundle_naming_the_node(tmp_path):
-    from targets import jetson
+    from edgec.targets import jetson
 
     out = tmp_path / "bad"
     out.mkdir()
@@ -203,14 +203,14 @@ def test_rule_violation_stops_the_bundle_naming_the_node(tmp_path):
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the engine is built, not deferred")
 def test_deferred_is_one_log_line(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="targets.jetson"):
+    with caplog.at_level(logging.INFO, logger="edgec.targets.jetson"):
         build_bundle(tmp_path)
     lines = [r.getMessage() for r in caplog.records if "deferred" in r.getMessage()]
     assert len(lines) == 1 and "tensorrt not installed" in lines[0] and "bundle:" in lines[0]
 
 
 def test_bench_without_tensorrt_says_so(bundle):
-    from targets import jetson
+    from edgec.targets import jetson
 
     if HAS_TRT:
         pytest.skip("tensorrt installed")
@@ -301,7 +301,7 @@ def test_latency_summary(bench_mod):
 
 
 def test_device_report_keeps_edgec_schema(bench_mod, tmp_path):
-    from pipeline import report as rep
+    from edgec.pipeline import report as rep
 
     host = {"schema_version": rep.SCHEMA_VERSION, "versions": {"edgec": "x", "onnx": "1", "onnxruntime": "1"},
             "model": {"name": "tiny", "source": "t", "inputs": {}, "outputs": ["logits"]}, "target": "jetson",
@@ -401,7 +401,7 @@ def test_bad_build_option_is_user_error(tmp_path):
 # ----------------------------------------------------------------------------- target module: tensorrt
 
 def test_tensorrt_target_checks_rules_and_writes_trtexec(tmp_path):
-    from targets import get_target
+    from edgec.targets import get_target
 
     trt = get_target("tensorrt")
     assert trt.NAME == "tensorrt" and trt.DIALECT.name == "tensorrt" and trt.CHANNEL_ALIGN == 8

@@ -7,12 +7,12 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from calib.data import InputInfo, synthetic_splits
-from passes.base import PassContext, get_pass, make_options
-from passes.normalize import NormalizeOptions
-from pipeline.recipe import load_recipe
-from pipeline.runner import run_recipe
-from tests.realworld_models import count_ops
+from edgec.calib.data import InputInfo, synthetic_splits
+from edgec.passes.base import PassContext, get_pass, make_options
+from edgec.passes.normalize import NormalizeOptions
+from edgec.pipeline.recipe import load_recipe
+from edgec.pipeline.runner import run_recipe
+from edgec.testing.realworld_models import count_ops
 
 
 def _run(model, recipe="[normalize]", shape=(1, 4, 8, 8)):
@@ -126,7 +126,7 @@ def test_unnamed_nodes_get_deterministic_unique_names():
 
 
 def test_bad_options_rejected():
-    from pipeline.errors import EdgecError
+    from edgec.core.errors import EdgecError
 
     with pytest.raises(EdgecError, match="target_opset"):
         make_options(get_pass("normalize"), {"target_opset": 9})
@@ -135,7 +135,7 @@ def test_bad_options_rejected():
 def test_opset_newer_than_onnxruntime_is_down_converted():
     """A model stamped with the newest ONNX opset (which passes would copy onto inserted Q/DQ nodes) is brought down
     to the newest opset this onnxruntime implements."""
-    from passes.normalize import ort_max_opset
+    from edgec.passes.normalize import ort_max_opset
 
     newest = onnx.defs.onnx_opset_version()
     if ort_max_opset() >= newest:

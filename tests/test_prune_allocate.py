@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from passes.prune import allocate as A
+from edgec.passes.prune import allocate as A
 
 SIZES = {0: 64, 1: 128, 2: 32, 3: 96}
 MACS_PER_CH = {0: 4.0, 1: 1.0, 2: 8.0, 3: 2.0}

@@ -8,13 +8,13 @@ import functools
 import numpy as np
 import pytest
 
-from passes.base import PassContext
-from passes.cleanup import CleanupOptions, cleanup
-from passes.costs import count_costs
-from passes.prune.apply import remove_channels
-from passes.prune.graph import CostModel, analyze, producer_weights, round_keep, select_channels
-from pipeline.export import export_torch
-from pipeline.onnx_io import check_model, ort_session, run_session
+from edgec.passes.base import PassContext
+from edgec.passes.cleanup import CleanupOptions, cleanup
+from edgec.passes.costs import count_costs
+from edgec.passes.prune.apply import remove_channels
+from edgec.passes.prune.graph import CostModel, analyze, producer_weights, round_keep, select_channels
+from edgec.torchkit.export import export_torch
+from edgec.core.onnx_io import check_model, ort_session, run_session
 
 MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0", "squeezenet1_1"]
 SIZE = 128
@@ -65,7 +65,7 @@ def test_prune_torchvision(name):
 def test_real_model_removal_exact_under_zeroed_consumers(name):
     """On real graphs (SE, HardSwish/SiLU, channel shuffle, Flatten->Gemm): zero the consumer weights of a third of
     every prunable group's channels, remove those channels, and the outputs match within 1e-5 relative."""
-    from passes.prune.graph import consumer_layers
+    from edgec.passes.prune.graph import consumer_layers
     from tests import prune_models as pm
 
     model = _export(name)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from passes.prune import criteria as C
+from edgec.passes.prune import criteria as C
 
 
 def test_l1_l2_rank_by_magnitude_and_normalise_members():
@@ -87,9 +87,9 @@ def test_actnorm_and_random():
 
 
 def test_activation_stats_stream_matches_direct():
-    from calib.activations import stream_activations
-    from passes.prune.graph import analyze
-    from prune_models import chain
+    from edgec.calib.activations import stream_activations
+    from edgec.passes.prune.graph import analyze
+    from edgec.testing.prune_models import chain
 
     m = chain()
     groups = [g for g in analyze(m) if g.prunable]
@@ -108,10 +108,10 @@ def test_taylor_scores_zero_for_dead_channel():
     import onnx
     from onnx import numpy_helper
 
-    from passes.base import PassContext
-    from passes.prune.graph import analyze
-    from passes.prune.torch_tools import taylor_scores
-    from prune_models import chain
+    from edgec.passes.base import PassContext
+    from edgec.passes.prune.graph import analyze
+    from edgec.torchkit.prune_tools import taylor_scores
+    from edgec.testing.prune_models import chain
 
     m = chain()
     g = next(g for g in analyze(m) if g.prunable and g.producers and g.producers[0].op == "Conv")

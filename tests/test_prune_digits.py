@@ -4,7 +4,7 @@ Also the seed-003 ADMM L0 sparse training of per-channel scaling factors, then p
 import numpy as np
 import pytest
 
-from digits import accuracy, make_digits_data, resnet_net, train, vgg_net
+from edgec.testing.digits import accuracy, make_digits_data, resnet_net, train, vgg_net
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +18,8 @@ def data():
 
 
 def _onnx(net):
-    from passes.base import PassContext, get_pass, make_options
-    from pipeline.export import export_torch
+    from edgec.passes.base import PassContext, get_pass, make_options
+    from edgec.torchkit.export import export_torch
 
     m, _ = export_torch(net, (1, 1, 32, 32))
     spec = get_pass("cleanup")
@@ -27,7 +27,7 @@ def _onnx(net):
 
 
 def _prune(m, net, xtr, ytr, **opts):
-    from passes.base import PassContext, get_pass, make_options
+    from edgec.passes.base import PassContext, get_pass, make_options
 
     ctx = PassContext(calib_batches=lambda: ({"input": xtr[i:i + 1]} for i in range(64)), calib_labels=ytr[:64],
                       train_data=(xtr, ytr), torch_model=net, seed=0)
@@ -37,7 +37,7 @@ def _prune(m, net, xtr, ytr, **opts):
 
 @pytest.mark.parametrize("make", [vgg_net, resnet_net], ids=["vgg", "resnet"])
 def test_digits_prune_finetune_headline(data, make):
-    from passes.costs import count_costs
+    from edgec.passes.costs import count_costs
 
     xtr, ytr, xte, yte = data
     net = train(make(32), xtr, ytr, epochs=5, seed=0)
@@ -59,8 +59,8 @@ def test_digits_prune_finetune_headline(data, make):
 def test_digits_admm_l0_then_prune_by_scaling_factors(data):
     import torch
 
-    from passes.costs import count_costs
-    from passes.prune.torch_tools import admm_sparse_train, scaling_factors
+    from edgec.passes.costs import count_costs
+    from edgec.torchkit.prune_tools import admm_sparse_train, scaling_factors
 
     xtr, ytr, xte, yte = data
     net = train(vgg_net(16), xtr, ytr, epochs=3, seed=1)

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from passes.costs import count_costs
-from passes.prune.apply import remove_channels
-from passes.prune.graph import CostModel, analyze, consumer_layers
-from pipeline.onnx_io import check_model
+from edgec.passes.costs import count_costs
+from edgec.passes.prune.apply import remove_channels
+from edgec.passes.prune.graph import CostModel, analyze, consumer_layers
+from edgec.core.onnx_io import check_model
 from tests import prune_models as pm
 
 RTOL = 1e-5
@@ -50,7 +50,7 @@ def _prune_zeroed(model, rng, mode="consumer", only=None):
 
 
 def _zero_producers(model, groups, removed):
-    from passes.prune.graph import _analysis
+    from edgec.passes.prune.graph import _analysis
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -228,8 +228,8 @@ def test_exact_transformer_mlp_hidden_channels(form):
     exact on both outputs (hidden states and logits)."""
     import onnx.tools.update_model_dims as U
 
-    from passes.base import PassContext, get_pass, make_options
-    from pipeline.onnx_io import ort_session
+    from edgec.passes.base import PassContext, get_pass, make_options
+    from edgec.core.onnx_io import ort_session
     from tests import realworld_models as rw
 
     model = U.update_inputs_outputs_dims(rw.attention_model(), {"tokens": [1, 16, 32]},

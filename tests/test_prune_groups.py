@@ -6,9 +6,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from passes.costs import count_costs
-from passes.prune.apply import remove_channels
-from passes.prune.graph import (CostModel, analyze, bn_scales, consumer_layers, consumer_weights, producer_weights,
+from edgec.passes.costs import count_costs
+from edgec.passes.prune.apply import remove_channels
+from edgec.passes.prune.graph import (CostModel, analyze, bn_scales, consumer_layers, consumer_weights, producer_weights,
                                 round_keep, select_channels)
 from tests import prune_models as pm
 

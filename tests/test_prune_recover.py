@@ -4,8 +4,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from passes.prune import recover as R
-from pipeline.onnx_io import ort_session
+from edgec.passes.prune import recover as R
+from edgec.core.onnx_io import ort_session
 
 
 def _conv_model(cin, cout, k, stride, pad, dil):
@@ -52,7 +52,7 @@ def test_gram_solve_equals_lstsq(bias):
 
 def _dup_chain(kind="conv"):
     """conv(3->6) relu, channel 5 an exact copy of channel 2; then a consumer (3x3 conv or GAP->Gemm)."""
-    from prune_models import GraphBuilder
+    from edgec.testing.prune_models import GraphBuilder
 
     b = GraphBuilder(seed=3)
     x = b.act(b.conv("input", 3, 6), "relu")
@@ -80,8 +80,8 @@ def _max_rel(a, b, feeds):
 
 
 def _remove(m, drop):
-    from passes.prune.apply import remove_channels
-    from passes.prune.graph import analyze
+    from edgec.passes.prune.apply import remove_channels
+    from edgec.passes.prune.graph import analyze
 
     gs = analyze(m)
     g = next(g for g in gs if g.prunable and g.size == 6)
@@ -95,7 +95,7 @@ def test_lstsq_recovers_duplicate_channel_exactly(kind):
     pruned, g = _remove(m, {5})
     feeds = _feeds(12)
     assert _max_rel(pruned, m, feeds) > 1e-2  # removal alone hurts
-    from passes.prune.graph import consumer_layers
+    from edgec.passes.prune.graph import consumer_layers
 
     layers = [L["node"] for L in consumer_layers(m, g)]
     fixed, st = R.lstsq_refit(pruned, m, layers, lambda: iter(feeds), samples=12, ridge=1e-9,
@@ -106,11 +106,11 @@ def test_lstsq_recovers_duplicate_channel_exactly(kind):
 
 
 def test_lstsq_reduces_error_and_adds_bias():
-    from prune_models import chain
+    from edgec.testing.prune_models import chain
 
     m = chain(bias=False)
-    from passes.prune.apply import remove_channels
-    from passes.prune.graph import analyze, consumer_layers
+    from edgec.passes.prune.apply import remove_channels
+    from edgec.passes.prune.graph import analyze, consumer_layers
 
     gs = analyze(m)
     g = next(g for g in gs if g.prunable and g.size == 12)
@@ -135,7 +135,7 @@ def test_fusion_folds_duplicate_exactly():
 
 
 def test_truncated_keeps_only_needed_nodes():
-    from prune_models import chain
+    from edgec.testing.prune_models import chain
 
     m = chain()
     first = m.graph.node[0].output[0]
@@ -145,14 +145,14 @@ def test_truncated_keeps_only_needed_nodes():
 
 # ----------------------------------------------------------------------------- the registered pass
 def _ctx(n=16):
-    from passes.base import PassContext
+    from edgec.passes.base import PassContext
 
     feeds = _feeds(n)
     return PassContext(calib_batches=lambda: iter(feeds))
 
 
 def _run(m, **opts):
-    from passes.base import get_pass, make_options
+    from edgec.passes.base import get_pass, make_options
 
     spec = get_pass("prune")
     return spec.fn(m, _ctx(), make_options(spec, opts))
@@ -161,9 +161,8 @@ def _run(m, **opts):
 @pytest.mark.parametrize("builder", ["chain", "depthwise", "residual", "concat", "split"])
 @pytest.mark.parametrize("recovery", ["none", "lstsq"])
 def test_pass_meets_budget_and_runs(builder, recovery):
-    import prune_models
-
-    from passes.costs import count_costs
+    from edgec.testing import prune_models
+    from edgec.passes.costs import count_costs
 
     m = getattr(prune_models, builder)()
     res = _run(m, target_macs=0.7, round_to=1, recovery=recovery, allocation="uniform", criterion="l1",
@@ -179,7 +178,7 @@ def test_pass_meets_budget_and_runs(builder, recovery):
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "apoz", "entropy", "kl", "actnorm", "recon", "random"])
 def test_pass_every_criterion(criterion):
-    from prune_models import chain
+    from edgec.testing.prune_models import chain
 
     res = _run(chain(), target_params=0.6, round_to=2, criterion=criterion, allocation="global", recovery="lstsq")
     assert res.stats["params_ratio"] <= 0.6 + 1e-6
@@ -188,7 +187,7 @@ def test_pass_every_criterion(criterion):
 
 @pytest.mark.parametrize("allocation", ["adaptive", "sensitivity", "ga"])
 def test_pass_allocations(allocation):
-    from prune_models import chain
+    from edgec.testing.prune_models import chain
 
     res = _run(chain(), target_macs=0.6, round_to=1, criterion="l1", allocation=allocation, recovery="fusion+lstsq",
                ga_population=4, ga_generations=2, fidelity_samples=2)
@@ -197,7 +196,7 @@ def test_pass_allocations(allocation):
 
 
 def test_options_validation():
-    from passes.prune.prune_pass import PruneOptions
+    from edgec.passes.prune.prune_pass import PruneOptions
 
     with pytest.raises(ValueError, match="exactly one"):
         PruneOptions()
@@ -215,9 +214,9 @@ def test_options_validation():
 
 
 def test_latency_budget_uses_probe():
-    from passes.base import PassContext, get_pass, make_options
-    from passes.costs import count_costs
-    from prune_models import chain
+    from edgec.passes.base import PassContext, get_pass, make_options
+    from edgec.passes.costs import count_costs
+    from edgec.testing.prune_models import chain
 
     m = chain()
     base = count_costs(m).macs
@@ -231,9 +230,9 @@ def test_latency_budget_uses_probe():
 
 
 def test_prune_recipe_runs_with_overrides():
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import run_recipe
-    from prune_models import residual
+    from edgec.pipeline.recipe import load_recipe
+    from edgec.pipeline.runner import run_recipe
+    from edgec.testing.prune_models import residual
 
     r = load_recipe("prune", ["prune.target_macs=null", "prune.target_params=0.7", "prune.criterion=l2",
                               "prune.allocation=global", "prune.round_to=1", "prune.recovery=fusion+lstsq"])
@@ -245,7 +244,7 @@ def test_prune_recipe_runs_with_overrides():
 
 
 def test_lstsq_privatises_a_shared_bias():
-    from prune_models import GraphBuilder
+    from edgec.testing.prune_models import GraphBuilder
 
     b = GraphBuilder(seed=5)
     x = b.act(b.conv("input", 3, 8), "relu")

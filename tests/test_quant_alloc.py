@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from passes.quant import allocate
-from pipeline.errors import EdgecError
+from edgec.passes.quant import allocate
+from edgec.core.errors import EdgecError
 
 
 def _problem(n_layers, seed):

@@ -51,7 +51,7 @@ class _Res(torch.nn.Module):
 
 
 def _acc(model, x, y):
-    from pipeline.onnx_io import ort_session
+    from edgec.core.onnx_io import ort_session
 
     s = ort_session(model, optimize=True)
     name = model.graph.input[0].name
@@ -64,8 +64,8 @@ def data():
 
 
 def _trained(make, data, epochs=15):
-    from passes.quant.qat import TrainConfig, train_loop
-    from pipeline.export import export_torch
+    from edgec.torchkit.qat import TrainConfig, train_loop
+    from edgec.torchkit.export import export_torch
 
     torch.manual_seed(0)
     xtr, ytr, xte, yte = data
@@ -77,8 +77,8 @@ def _trained(make, data, epochs=15):
 
 @pytest.mark.parametrize("make", [_vgg, _Res], ids=["vgg", "resnet"])
 def test_mixed_int8_int4_ptq_8x_within_1pt(make, data, tmp_path):
-    from passes.quant.qat import allocate_bits
-    from passes.quant.qdq import find_layers, insert_qdq, weight_bits
+    from edgec.torchkit.qat import allocate_bits
+    from edgec.passes.quant.qdq import find_layers, insert_qdq, weight_bits
 
     xtr, ytr, xte, yte = data
     _, m, a0 = _trained(make, data)
@@ -95,7 +95,7 @@ def test_mixed_int8_int4_ptq_8x_within_1pt(make, data, tmp_path):
 
 
 def test_joint_pruning_mixed_bits_100x_within_1_5pt(data, tmp_path):
-    from passes.quant.qat import TrainConfig, compress_torch
+    from edgec.torchkit.qat import TrainConfig, compress_torch
 
     xtr, ytr, xte, yte = data
     net, m, a0 = _trained(_vgg, data)
@@ -116,9 +116,9 @@ def test_joint_pruning_mixed_bits_100x_within_1_5pt(data, tmp_path):
 @pytest.mark.parametrize("search", ["alternating", "ga"])
 def test_joint_prune_pass_and_bits_under_budget_with_floor(data, tmp_path, search):
     """ONNX-level joint search (prune pass x bit allocation): within budget and above the floor, or says why."""
-    from passes.base import PassContext
-    from passes.quant.joint import JointOptions, joint_compress
-    from passes.quant.qdq import find_layers
+    from edgec.passes.base import PassContext
+    from edgec.passes.quant.joint import JointOptions, joint_compress
+    from edgec.passes.quant.qdq import find_layers
 
     xtr, ytr, xte, yte = data
     _, m, a0 = _trained(_vgg, data)

@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 
-import tests.prune_models as pm
-from passes.base import PassContext, get_pass, make_options
-from passes.quant.qdq import find_layers
-from passes.quant.quant_pass import QuantOptions, quantize
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import ort_session
-from targets.ort_latency import OrtLatencyProbe
+import edgec.testing.prune_models as pm
+from edgec.passes.base import PassContext, get_pass, make_options
+from edgec.passes.quant.qdq import find_layers
+from edgec.passes.quant.quant_pass import QuantOptions, quantize
+from edgec.core.errors import EdgecError
+from edgec.core.onnx_io import ort_session
+from edgec.targets.ort_latency import OrtLatencyProbe
 
 
 def _ctx(m, tmp_path, probe=None, n=24):
@@ -104,7 +104,7 @@ def test_options_validation_and_recipe():
     spec = get_pass("quant")
     with pytest.raises(EdgecError):
         make_options(spec, {"target_bitz": 3})
-    from pipeline.recipe import load_recipe
+    from edgec.pipeline.recipe import load_recipe
 
     rec = load_recipe("quant", ["quant.target_bits_per_weight=4.5", "quant.calibration=entropy"])
     opts = rec.steps[-1].options
@@ -116,7 +116,7 @@ def test_tensorrt_dialect_through_the_pass(tmp_path):
     """TensorRT dialect: fp16 / int8 / int4 (Gemm, MatMul only) under a size budget; rules hold on the result."""
     from dataclasses import replace
 
-    from passes.quant.dialect import TENSORRT
+    from edgec.passes.quant.dialect import TENSORRT
     from tests.test_quant_qdq import trt_rule_violations
 
     m = pm.reshape_gemm()
@@ -134,7 +134,7 @@ def test_tensorrt_dialect_through_the_pass(tmp_path):
 
 
 def test_layer_bits_and_keep_fp32(tmp_path):
-    from passes.quant.qdq import find_layers
+    from edgec.passes.quant.qdq import find_layers
 
     m = pm.reshape_gemm()
     L = find_layers(m)

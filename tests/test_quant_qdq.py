@@ -8,14 +8,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import tests.prune_models as pm
-from calib.ranges import fake_quant_weight
-from calib.stats import collect_stats
-from passes.quant.dialect import ORT_CPU, TENSORRT
-from passes.quant.qdq import find_layers, fold_pads, insert_qdq, plan_activations
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import ort_session
-from targets.ort_kernels import check_kernels, effective_precision
+import edgec.testing.prune_models as pm
+from edgec.calib.ranges import fake_quant_weight
+from edgec.calib.stats import collect_stats
+from edgec.passes.quant.dialect import ORT_CPU, TENSORRT
+from edgec.passes.quant.qdq import find_layers, fold_pads, insert_qdq, plan_activations
+from edgec.core.errors import EdgecError
+from edgec.core.onnx_io import ort_session
+from edgec.targets.ort_kernels import check_kernels, effective_precision
 
 RTOL = 1e-5
 GRAPHS = {"chain": pm.chain, "chain_nobias": lambda: pm.chain(bias=False), "depthwise": pm.depthwise,
@@ -189,7 +189,7 @@ def test_tensorrt_int4_only_on_gemm_matmul():
     int4 = [i.name for i in qm.graph.initializer if i.data_type == TensorProto.INT4]
     assert len(int4) == 2
     try:
-        from targets.tensorrt.rules import check_graph
+        from edgec.targets.tensorrt.rules import check_graph
     except ImportError:
         return
     assert not check_graph(qm).errors

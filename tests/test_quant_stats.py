@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tests.prune_models as pm
-from calib.stats import collect_stats
-from pipeline.onnx_io import ort_session
+import edgec.testing.prune_models as pm
+from edgec.calib.stats import collect_stats
+from edgec.core.onnx_io import ort_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def test_stats_match_one_shot():
     feeds = [{"input": r.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(10)]
     name = m.graph.node[1].output[0]  # first relu
     st = collect_stats(m, [name], iter(feeds), moments_for=[name])
-    from calib.activations import with_outputs
+    from edgec.calib.activations import with_outputs
     s = ort_session(with_outputs(m, [name]))
     acts = np.concatenate([s.run([name], f)[0] for f in feeds])
     assert st[name].hist.min == pytest.approx(acts.min()) and st[name].hist.max == pytest.approx(acts.max())
@@ -35,10 +35,10 @@ _PROBE = r"""
 import json, resource, sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
-import tests.prune_models as pm
-from calib.stats import collect_stats
-from passes.quant.qdq import find_layers, plan_activations
-from passes.quant.dialect import ORT_CPU
+import edgec.testing.prune_models as pm
+from edgec.calib.stats import collect_stats
+from edgec.passes.quant.qdq import find_layers, plan_activations
+from edgec.passes.quant.dialect import ORT_CPU
 n = int(sys.argv[1])
 b = pm.GraphBuilder(hw=64)
 x = b.act(b.conv("input", 3, 32), "relu")

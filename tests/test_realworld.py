@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.compile import CompileOptions, compile_model
-from pipeline.importer import finish_dynamic, load_onnx_file, verify_at_shapes
+from edgec.pipeline.compile import CompileOptions, compile_model
+from edgec.pipeline.importer import finish_dynamic, load_onnx_file, verify_at_shapes
 from tests import realworld_models as rw
 
 # recipe -> minimum per-output cosine vs the original (issue 6 target for `default`: >= 0.99).
@@ -129,8 +129,8 @@ def test_dynamic_model_runs_at_two_shapes(name, models, tmp_path):
 def test_static_compile_bakes_shapes_so_dynamic_needs_the_flag(models, tmp_path):
     """Why --dynamic exists: a static compile folds the decode head for one size; at another size it must fail
     loudly (EdgecError from verify_at_shapes), never give silently wrong boxes."""
-    from pipeline.errors import EdgecError
-    from pipeline.importer import dynamic_axes, restore_dynamic_axes
+    from edgec.core.errors import EdgecError
+    from edgec.pipeline.importer import dynamic_axes, restore_dynamic_axes
 
     rec = models["ultralytics_detector"]
     out = tmp_path / "static"
@@ -147,13 +147,13 @@ def test_static_compile_bakes_shapes_so_dynamic_needs_the_flag(models, tmp_path)
 def test_normalize_pass_on_paddle_graph():
     """normalize alone: opset 11 -> 17, 200+ Constants -> initializers, initializer-inputs dropped, shared weights
     untied, and outputs unchanged (checked by the runner's exactness check at 1e-4)."""
-    from calib.data import InputInfo, synthetic_splits
-    from passes.base import PassContext
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import run_recipe
+    from edgec.calib.data import InputInfo, synthetic_splits
+    from edgec.passes.base import PassContext
+    from edgec.pipeline.recipe import load_recipe
+    from edgec.pipeline.runner import run_recipe
 
     m = rw.paddle_model(11, init_as_inputs=True)
-    from pipeline.importer import fix_input_shapes
+    from edgec.pipeline.importer import fix_input_shapes
 
     m = fix_input_shapes(m, {"x": (1, 3, 16, 16)})
     calib, _ = synthetic_splits([InputInfo("x", (1, 3, 16, 16))], 2, 1, 0)
@@ -181,7 +181,7 @@ def test_normalize_pass_on_paddle_graph():
 
 def test_dynamic_batch_on_a_fixed_batch_model(models):
     """--dynamic batch on a model exported with batch 1: relaxed in both the compiled model and the reference."""
-    from pipeline.importer import dynamic_axes
+    from edgec.pipeline.importer import dynamic_axes
 
     rec = models["external_data"]
     original = load_onnx_file(rec.path)
@@ -197,8 +197,8 @@ def test_dynamic_axis_the_original_fixes_internally_is_refused():
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
-    from pipeline.errors import EdgecError
-    from pipeline.importer import dynamic_axes
+    from edgec.core.errors import EdgecError
+    from edgec.pipeline.importer import dynamic_axes
 
     g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
@@ -212,7 +212,7 @@ def test_dynamic_axis_the_original_fixes_internally_is_refused():
 
 
 def test_cli_dynamic_flag_keeps_axes_and_reports_two_shapes(models, tmp_path, capsys):
-    from pipeline.cli import main
+    from edgec.pipeline.cli import main
 
     rec = models["ultralytics_detector"]
     out = tmp_path / "cli"

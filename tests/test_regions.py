@@ -10,10 +10,10 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-import tests.prune_models as pm
-from passes.base import PassContext, get_pass, make_options
-from passes.regions import find_postprocess
-from pipeline.importer import fix_input_shapes
+import edgec.testing.prune_models as pm
+from edgec.passes.base import PassContext, get_pass, make_options
+from edgec.passes.regions import find_postprocess
+from edgec.pipeline.importer import fix_input_shapes
 from tests import realworld_models as rw
 
 
@@ -90,8 +90,8 @@ def test_nms_region():
 
 
 def _ctx(m, rec, n=8):
-    from calib.data import InputInfo, load_splits
-    from pipeline.sources import resolve
+    from edgec.calib.data import InputInfo, load_splits
+    from edgec.pipeline.sources import resolve
 
     inputs = [InputInfo(k, v, np.float32) for k, v in rec.input_shapes.items()]
     calib, _ = load_splits(rec.data, inputs, resolve(str(rec.path)).preprocess, n_calib=n, n_eval=2, seed=0)
@@ -110,7 +110,7 @@ def test_quant_and_prune_leave_the_region_alone(tmp_path):
     spec = get_pass("prune")
     p = spec.fn(m, ctx, make_options(spec, {"target_macs": 0.8, "criterion": "l1", "allocation": "uniform",
                                             "recovery": "none", "strict_budget": False}))
-    from passes.prune.graph import analyze, node_names
+    from edgec.passes.prune.graph import analyze, node_names
 
     names = node_names(m.graph.node)
     inside = {names[i] for i in region.indices}
@@ -122,9 +122,9 @@ def test_quant_and_prune_leave_the_region_alone(tmp_path):
 
 def _tap_cosines(m_ref, m_cand, taps, feeds):
     """Mean cosine of each tapped tensor, candidate vs reference, computed directly in ORT."""
-    from calib.activations import with_outputs
-    from passes.regions import tap_tensors
-    from pipeline.onnx_io import ort_session
+    from edgec.calib.activations import with_outputs
+    from edgec.passes.regions import tap_tensors
+    from edgec.core.onnx_io import ort_session
 
     ref_t, cand_t = tap_tensors(m_ref, taps), tap_tensors(m_cand, taps)
     sr = ort_session(with_outputs(m_ref, ref_t), optimize=True)
@@ -143,7 +143,7 @@ def _tap_cosines(m_ref, m_cand, taps, feeds):
 def test_anchor_decode_region_gates_outputs_and_reports_head_tensors(tmp_path):
     """YOLO-style decode (fixed-shape output): the floor holds on output0 as the issue defines it, and the raw head
     tensors entering the region are reported next to it (the anchor-dominated output hides head error)."""
-    from passes.regions import region_inputs
+    from edgec.passes.regions import region_inputs
 
     m, rec = _static("ultralytics_detector", tmp_path)
     ctx = _ctx(m, rec)
@@ -180,7 +180,7 @@ def _topk_detector() -> onnx.ModelProto:
 
 def test_selection_region_gates_the_head_tensors():
     """With TopK inside the region (data-dependent selection), the floor holds on the head tensor entering it."""
-    from passes.regions import region_inputs
+    from edgec.passes.regions import region_inputs
 
     m = _topk_detector()
     r = find_postprocess(m)
@@ -202,7 +202,7 @@ def test_selection_region_gates_the_head_tensors():
 def test_region_gate_option(gate, expect, tmp_path):
     """region_gate picks where a decode region's cosine floor holds: auto (outputs for a fixed-shape decode),
     outputs, or inputs (the raw head tensors: stricter)."""
-    from passes.regions import region_inputs
+    from edgec.passes.regions import region_inputs
 
     m, rec = _static("ultralytics_detector", tmp_path)
     ctx = _ctx(m, rec)

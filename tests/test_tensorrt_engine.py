@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from targets.tensorrt.runner import gpu_status
+from edgec.targets.tensorrt.runner import gpu_status
 
 _OK, _WHY = gpu_status()
 pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(not _OK, reason=f"TensorRT engine tests need tensorrt 10.x and a CUDA GPU: {_WHY}")]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def lite0_bundle(tmp_path_factory):
-    from pipeline.compile import CompileOptions, compile_model
+    from edgec.pipeline.compile import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("trt") / "efficientnet_lite0-jetson-quant"
     report = compile_model(CompileOptions(model="efficientnet_lite0", target="jetson", recipe="quant", out=str(out),
@@ -63,14 +63,14 @@ def test_bundle_scripts_build_and_bench_on_this_gpu(lite0_bundle, tmp_path):
     fid = rep["fidelity"]["summary"]
     assert fid["top1_agreement"] >= 0.95, fid
     assert fid["cosine_min"] > 0.9
-    from pipeline import report as R
+    from edgec.pipeline import report as R
 
     R.validate(rep)
 
 
 @pytest.mark.slow
 def test_tensorrt_target_bench_in_process(lite0_bundle):
-    from pipeline.compile import CompileOptions, compile_model
+    from edgec.pipeline.compile import CompileOptions, compile_model
 
     report = compile_model(CompileOptions(model="efficientnet_lite0", target="tensorrt", recipe="quant",
                                           out=str(lite0_bundle[0].parent / "trt"), calib_samples=64, eval_samples=64))
@@ -84,7 +84,7 @@ def test_parser_errors_name_the_node(tmp_path):
     from onnx import TensorProto as T
     from onnx import helper
 
-    from targets.tensorrt import builder as B
+    from edgec.targets.tensorrt import builder as B
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"], name="ok_relu"),
                            helper.make_node("NoSuchOp", ["a"], ["y"], name="mystery_node", domain="edgec.test")],
@@ -101,8 +101,8 @@ def test_runner_matches_numpy_on_a_gemm(tmp_path):
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
-    from targets.tensorrt import builder as B
-    from targets.tensorrt.runner import EngineRunner
+    from edgec.targets.tensorrt import builder as B
+    from edgec.targets.tensorrt.runner import EngineRunner
 
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",

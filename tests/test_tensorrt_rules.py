@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from pipeline.errors import EdgecError
-from targets.tensorrt.rules import check_graph
+from edgec.core.errors import EdgecError
+from edgec.targets.tensorrt.rules import check_graph
 
 rng = np.random.default_rng(0)
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from passes.prune.graph import Group, _analysis, _attr, _check_groups
+from edgec.passes.prune.graph import Group, _analysis, _attr, _check_groups
 
 log = logging.getLogger(__name__)
 

@@ -174,7 +174,7 @@ def _moveaxis(a: np.ndarray, axis: int) -> np.ndarray:
 
 def activation_stats(model, groups, feeds, samples: int, threads: int = 1) -> dict[int, dict[str, np.ndarray]]:
     """Stream the groups' stat tensors once: per group mean|a|, zero fraction, and per-sample GAP vectors (N, C)."""
-    from calib.activations import stream_activations
+    from edgec.calib.activations import stream_activations
 
     want = {}
     for g in groups:
@@ -220,8 +220,8 @@ def recon_problems(model, groups, layers_of, feeds, samples: int, *, max_positio
 
     layers_of[gid] -> consumer_layers(model, g) dicts. Grams are accumulated from the unpruned model's activations.
     Groups whose restricted feature count exceeds max_dim (or with unsupported consumers) get no problem."""
-    from calib.activations import stream_activations
-    from passes.prune.recover import Layer, _node_by_name, _get, _attrs, conv_patches
+    from edgec.calib.activations import stream_activations
+    from edgec.passes.prune.recover import Layer, _node_by_name, _get, _attrs, conv_patches
 
     rng = np.random.default_rng([seed, 4242])
     plan = {}  # gid -> list of (layer, positions, taps, W restricted (o, d+1))

@@ -1318,7 +1318,7 @@ class CostModel:
     """(MACs, params) as a function of kept channels per group; exact against passes.costs.count_costs."""
 
     def __init__(self, model: onnx.ModelProto, groups: list[Group] | None = None, input_shapes: dict | None = None):
-        from passes.costs import count_costs
+        from edgec.passes.costs import count_costs
 
         an, gs = _analysis(model)
         if groups is not None:

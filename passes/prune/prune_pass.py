@@ -20,11 +20,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from passes.base import PassContext, PassResult, register_pass
-from passes.floor import FloorSpec, OutputFloor
-from passes.prune import allocate as alloc
-from passes.prune import criteria as crit
-from pipeline.errors import EdgecError
+from edgec.passes.base import PassContext, PassResult, register_pass
+from edgec.passes.floor import FloorSpec, OutputFloor
+from edgec.passes.prune import allocate as alloc
+from edgec.passes.prune import criteria as crit
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ def fold_small_constants(model: onnx.ModelProto, max_elems: int = 1 << 16) -> tu
 @contextlib.contextmanager
 def _memo_analysis():
     """Memoise the dependency analysis by model identity while one pass runs (graph.py re-analyses per call)."""
-    import passes.prune.apply as AP
-    import passes.prune.graph as G
+    import edgec.passes.prune.apply as AP
+    import edgec.passes.prune.graph as G
 
     orig = G._analysis
     cache: dict[int, tuple] = {}
@@ -198,7 +198,7 @@ def _memo_analysis():
 # ----------------------------------------------------------------------------- scoring
 def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOptions) -> tuple[dict, dict]:
     """{gid: scores (size,)} and {gid: note} (fallbacks)."""
-    from passes.prune import graph as G
+    from edgec.passes.prune import graph as G
 
     notes: dict[int, str] = {}
     scores: dict[int, np.ndarray] = {}
@@ -212,7 +212,7 @@ def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOpt
                                        max_positions=opts.max_positions, seed=ctx.seed, threads=ctx.threads)
     taylor = {}
     if criterion == "taylor":
-        from passes.prune import torch_tools
+        from edgec.passes.prune import torch_tools
 
         taylor = torch_tools.taylor_scores(model, groups, ctx, samples=opts.score_samples,
                                            temperature=opts.taylor_temperature)
@@ -263,7 +263,7 @@ class FidelityProbe:
     non-classifier outputs, the mean cosine similarity; behind NMS / TopK, the cosine of the tensors entering it."""
 
     def __init__(self, model: onnx.ModelProto, ctx: PassContext, samples: int):
-        from passes.regions import find_postprocess, region_inputs
+        from edgec.passes.regions import find_postprocess, region_inputs
 
         self.feeds = [f for _, f in zip(range(samples), ctx.calib_batches())]
         self.threads = ctx.threads
@@ -273,9 +273,9 @@ class FidelityProbe:
         self.ref = self._run(model)
 
     def _run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
-        from calib.activations import stream_activations
-        from passes.regions import tap_tensors
-        from pipeline.onnx_io import ort_session, run_session
+        from edgec.calib.activations import stream_activations
+        from edgec.passes.regions import tap_tensors
+        from edgec.core.onnx_io import ort_session, run_session
 
         if not self.taps:
             sess = ort_session(model, threads=self.threads, optimize=True)
@@ -315,7 +315,7 @@ def _candidates(groups, opts):
 
 
 def _select(groups_by_id, scores, keep_counts):
-    from passes.prune.graph import select_channels
+    from edgec.passes.prune.graph import select_channels
 
     out = {}
     for gid, k in keep_counts.items():
@@ -327,7 +327,7 @@ def _select(groups_by_id, scores, keep_counts):
 
 
 def _apply(model, groups, groups_by_id, scores, keep_counts):
-    from passes.prune.apply import remove_channels
+    from edgec.passes.prune.apply import remove_channels
 
     idx = _select(groups_by_id, scores, keep_counts)
     return remove_channels(model, idx, groups)
@@ -355,7 +355,7 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
         a = alloc.global_threshold({g: scores[g] for g in sizes}, cost_f, budget, r2, aligns,
                                    normalize=opts.criterion != "recon")
     elif opts.allocation == "adaptive":
-        from passes.prune import graph as G
+        from edgec.passes.prune import graph as G
 
         elems = {}
         for g in prunable:
@@ -384,8 +384,8 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
                 m, _ = _apply(model, groups, groups_by_id, scores, {g.id: kk})
                 if opts.sensitivity_refit and opts.recovery in ("lstsq", "fusion+lstsq"):
                     # recovery-aware: the loss after refitting this group's consumers alone
-                    from passes.prune import graph as G
-                    from passes.prune import recover as R
+                    from edgec.passes.prune import graph as G
+                    from edgec.passes.prune import recover as R
 
                     skip = opts.fidelity_samples  # refit on samples the probe does not score (no in-sample bias)
 
@@ -418,8 +418,8 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
 
 
 def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx, opts, stats):
-    from passes.prune import graph as G
-    from passes.prune import recover as R
+    from edgec.passes.prune import graph as G
+    from edgec.passes.prune import recover as R
 
     layers = set()
     for gid in keep_idx:
@@ -468,8 +468,8 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
 
 def _fuse(model, groups_by_id, keep_idx, acts, stats):
     """Seed-002 information fusion on the unpruned model's consumer columns (before removal)."""
-    from passes.prune import graph as G
-    from passes.prune import recover as R
+    from edgec.passes.prune import graph as G
+    from edgec.passes.prune import recover as R
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -514,7 +514,7 @@ def _fuse(model, groups_by_id, keep_idx, acts, stats):
 
 
 def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, acts, probe, cache=None):
-    from passes.prune.graph import CostModel
+    from edgec.passes.prune.graph import CostModel
 
     groups_by_id = {g.id: g for g in groups}
     prunable = _candidates(groups, opts)
@@ -554,7 +554,7 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
     src = model
     if opts.recovery in ("fusion", "fusion+lstsq") and keep_idx:
         src = _fuse(model, groups_by_id, keep_idx, acts, stats)
-    from passes.prune.apply import remove_channels
+    from edgec.passes.prune.apply import remove_channels
 
     pruned, rstats = remove_channels(src, keep_idx, groups)
     pruned = _recover(pruned, model, groups, groups_by_id, keep_idx, acts, ctx, opts, stats)
@@ -563,8 +563,8 @@ def _prune_once(model, groups, ctx, opts, budget: alloc.Budget, scores, notes, a
 
 def _close_postprocess(model, groups, input_shapes=None) -> dict | None:
     """Groups with a member in the decode / post-processing region (passes/regions.py) are not pruned."""
-    from passes.prune.graph import node_names
-    from passes.regions import find_postprocess
+    from edgec.passes.prune.graph import node_names
+    from edgec.passes.regions import find_postprocess
 
     post = find_postprocess(model, input_shapes=input_shapes)
     if not post.nodes:
@@ -582,7 +582,7 @@ def _close_postprocess(model, groups, input_shapes=None) -> dict | None:
 @register_pass("prune", options=PruneOptions)
 def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassResult:
     """keep_g = allocation(score(g), budget); remove the rest; refit consumers: min |W x_pruned + b - y_original|^2."""
-    from passes.prune.graph import analyze
+    from edgec.passes.prune.graph import analyze
 
     t_start = time.perf_counter()
     model, folded = fold_small_constants(model)
@@ -619,11 +619,11 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
                 pruned, a, keep_idx, rstats, stats, base = res
                 stats["floor"] = info
     if opts.finetune_epochs > 0:
-        from passes.prune import torch_tools
+        from edgec.passes.prune import torch_tools
 
         pruned, ft = torch_tools.finetune_onnx(pruned, model, ctx, epochs=opts.finetune_epochs, lr=opts.finetune_lr)
         stats["finetune"] = ft
-    from passes.costs import count_costs
+    from edgec.passes.costs import count_costs
 
     after = count_costs(pruned, ctx.input_shapes)
     rows = []

@@ -106,7 +106,7 @@ def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
 
 def stream_pair(model: onnx.ModelProto, names: list[str], feeds: Iterable[dict], threads: int = 1):
     """Yield {name: array} for `names`, running only the subgraph they need (ORT, graph optimizations on)."""
-    from pipeline.onnx_io import ort_session, run_session
+    from edgec.core.onnx_io import ort_session, run_session
 
     m = truncated(model, names)
     sess = ort_session(m, threads=threads, optimize=True)

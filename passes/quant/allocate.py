@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def plot_pareto(front: list[Solution], path: str, *, xlabel: str, chosen: Soluti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.onnx_io import atomic_write
+    from edgec.core.onnx_io import atomic_write
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p.cost for p in front], [p.objective for p in front], "o-", label="Pareto front (predicted)")

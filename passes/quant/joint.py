@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from passes.base import PassContext, PassResult, get_pass, make_options, register_pass
-from passes.floor import FloorSpec, OutputFloor
-from passes.quant import allocate
-from passes.quant.dialect import ORT_CPU
-from passes.quant.qdq import find_layers, insert_qdq, weight_bits
-from passes.quant.sensitivity import measure_sensitivity
-from pipeline.errors import EdgecError
+from edgec.passes.base import PassContext, PassResult, get_pass, make_options, register_pass
+from edgec.passes.floor import FloorSpec, OutputFloor
+from edgec.passes.quant import allocate
+from edgec.passes.quant.dialect import ORT_CPU
+from edgec.passes.quant.qdq import find_layers, insert_qdq, weight_bits
+from edgec.passes.quant.sensitivity import measure_sensitivity
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 BITS = (8, 4, 3, 2)
@@ -153,7 +153,7 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
 
 def _ga(opts, ctx, budget, params0, pruned, build, ev, seeds):
     """GA over [keep-ratio gene | 2-bit gene per layer], with the pruning issue's operators."""
-    from passes.prune.allocate import crossover, mutate, roulette
+    from edgec.passes.prune.allocate import crossover, mutate, roulette
 
     rng = ctx.rng("joint-ga")
     grid = list(opts.keep_grid)

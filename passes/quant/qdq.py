@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from calib.ranges import QParams, expand_scales, qparams, quantize_weight
-from passes.quant.dialect import ORT_CPU, QuantDialect
+from edgec.calib.ranges import QParams, expand_scales, qparams, quantize_weight
+from edgec.passes.quant.dialect import ORT_CPU, QuantDialect
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from calib.ranges import ESTIMATORS
-from calib.stats import collect_stats
-from passes.base import PassContext, PassResult, register_pass
-from passes.costs import count_costs
-from passes.floor import FloorSpec, OutputFloor
-from passes.regions import find_postprocess
-from passes.quant import allocate
-from passes.quant.dialect import ORT_CPU, QuantDialect
-from passes.quant.qdq import Layer, find_layers, fold_pads, insert_qdq, op_counts, plan_activations, weight_bits
-from passes.quant.sensitivity import measure_sensitivity, output_distance
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import ort_session, run_session
+from edgec.calib.ranges import ESTIMATORS
+from edgec.calib.stats import collect_stats
+from edgec.passes.base import PassContext, PassResult, register_pass
+from edgec.passes.costs import count_costs
+from edgec.passes.floor import FloorSpec, OutputFloor
+from edgec.passes.regions import find_postprocess
+from edgec.passes.quant import allocate
+from edgec.passes.quant.dialect import ORT_CPU, QuantDialect
+from edgec.passes.quant.qdq import Layer, find_layers, fold_pads, insert_qdq, op_counts, plan_activations, weight_bits
+from edgec.passes.quant.sensitivity import measure_sensitivity, output_distance
+from edgec.core.errors import EdgecError
+from edgec.core.onnx_io import ort_session, run_session
 
 log = logging.getLogger(__name__)
 

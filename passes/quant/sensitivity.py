@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from passes.quant.dialect import QuantDialect
-from passes.quant.qdq import Layer, insert_qdq
-from pipeline.onnx_io import atomic_write, model_bytes, ort_session, run_session
+from edgec.passes.quant.dialect import QuantDialect
+from edgec.passes.quant.qdq import Layer, insert_qdq
+from edgec.core.onnx_io import atomic_write, model_bytes, ort_session, run_session
 
 log = logging.getLogger(__name__)
 

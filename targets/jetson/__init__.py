@@ -19,11 +19,11 @@ from pathlib import Path
 
 import onnx
 
-import targets.tensorrt as trt_target
-from passes.quant.dialect import TENSORRT
-from pipeline.onnx_io import save_onnx
-from targets.base import BuildContext
-from targets.jetson import bundle as B
+import edgec.targets.tensorrt as trt_target
+from edgec.passes.quant.dialect import TENSORRT
+from edgec.core.onnx_io import save_onnx
+from edgec.targets.base import BuildContext
+from edgec.targets.jetson import bundle as B
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ CHANNEL_ALIGN = 8
 
 def _edgec_version() -> str:
     try:
-        from pipeline.report import EDGEC_VERSION
+        from edgec.core.provenance import EDGEC_VERSION
 
         return EDGEC_VERSION
     except ImportError:

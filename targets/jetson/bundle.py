@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.onnx_io import atomic_write
-from pipeline.report import sha256_file
+from edgec.core.onnx_io import atomic_write
+from edgec.core.provenance import sha256_file
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "bundle_templates"

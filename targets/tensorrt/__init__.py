@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from passes.quant.dialect import TENSORRT
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import atomic_write, graph_input_names, ort_session, run_session, save_onnx
-from targets.base import BuildContext
+from edgec.passes.quant.dialect import TENSORRT
+from edgec.core.errors import EdgecError
+from edgec.core.onnx_io import atomic_write, graph_input_names, ort_session, run_session, save_onnx
+from edgec.targets.base import BuildContext
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _opt(ctx: BuildContext, key: str, default=None):
 
 def build_settings(ctx: BuildContext) -> dict:
     """Engine-build settings from ctx.extra, validated (bad values are the user's error)."""
-    from targets.tensorrt import builder as B
+    from edgec.targets.tensorrt import builder as B
 
     shapes = {}
     for name, spec in (_opt(ctx, "shapes") or {}).items():
@@ -72,14 +72,14 @@ def shape_args(settings: dict) -> list[str]:
 
 def host_status() -> tuple[bool, str]:
     """(can build and run engines here, reason)."""
-    from targets.tensorrt.runner import gpu_status
+    from edgec.targets.tensorrt.runner import gpu_status
 
     return gpu_status()
 
 
 def check_rules(model: onnx.ModelProto, outdir: Path | None = None) -> dict:
     """The rule checker, first: raises EdgecError naming the node on any broken rule; writes rules.json."""
-    from targets.tensorrt.rules import check_graph
+    from edgec.targets.tensorrt.rules import check_graph
 
     rep = check_graph(model)
     log.info("TensorRT rule check: %d error(s), %d warning(s)", len(rep.errors), len(rep.warnings))
@@ -100,7 +100,7 @@ def precheck(model: onnx.ModelProto) -> dict:
 
 def engine_build(outdir: Path, settings: dict) -> dict:
     """Build outdir/model.engine from outdir/model.onnx (needs tensorrt + GPU)."""
-    from targets.tensorrt import builder as B
+    from edgec.targets.tensorrt import builder as B
 
     opts = B.BuildOptions(onnx_path=str(outdir / "model.onnx"), engine_path=str(outdir / ENGINE),
                           timing_cache=str(outdir / TIMING_CACHE), **settings)
@@ -116,7 +116,7 @@ def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
     settings = build_settings(ctx)
     if not (outdir / "model.onnx").exists():
         save_onnx(model, outdir / "model.onnx")
-    from targets.jetson.bundle import write_trtexec
+    from edgec.targets.jetson.bundle import write_trtexec
 
     write_trtexec(outdir, settings, ctx)
     artifacts = ["model.onnx", "rules.json", "trtexec.sh"]
@@ -165,7 +165,7 @@ def bench(outdir: Path, ctx: BuildContext) -> dict:
     engine = outdir / ENGINE
     if not engine.exists():
         return {"skipped": f"no {ENGINE} in {outdir} (engine build deferred)"}
-    from targets.tensorrt.runner import make_report, run_engine
+    from edgec.targets.tensorrt.runner import make_report, run_engine
 
     feeds, refs, names = reference_samples(ctx)
     labels = None

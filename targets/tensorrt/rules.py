@@ -85,7 +85,7 @@ class RuleReport:
 
     def raise_for_errors(self) -> None:
         if self.errors:
-            from pipeline.errors import EdgecError
+            from edgec.core.errors import EdgecError
 
             first = self.errors[0]
             more = f" (+{len(self.errors) - 1} more)" if len(self.errors) > 1 else ""

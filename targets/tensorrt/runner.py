@@ -161,7 +161,7 @@ def summarize_ms(times):
 # ----------------------------------------------------------------------------- fidelity
 
 def fidelity(cand, ref, names, labels=None):
-    """cand/ref: per sample, a list of output arrays (same order as names). Same schema as pipeline.fidelity."""
+    """cand/ref: per sample, a list of output arrays (same order as names). Same schema as core.fidelity."""
     per = {}
     for j, name in enumerate(names):
         n = 0

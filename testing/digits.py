@@ -91,7 +91,7 @@ def accuracy(model, x, y) -> float:
     import onnx
 
     if isinstance(model, onnx.ModelProto):
-        from pipeline.onnx_io import ort_session
+        from edgec.core.onnx_io import ort_session
 
         sess = ort_session(model, optimize=False)
         name = sess.get_inputs()[0].name

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
 

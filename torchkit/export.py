@@ -11,22 +11,13 @@ import warnings
 import numpy as np
 import onnx
 
-from pipeline.errors import EdgecError
-from pipeline.onnx_io import ort_session, run_session
+from edgec.core.errors import EdgecError
+from edgec.core.fidelity import rel_err
+from edgec.core.onnx_io import ort_session, run_session
 
 log = logging.getLogger(__name__)
 
 EXPORT_RTOL = 1e-4
-
-
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    """max|a - ref| / max(max|ref|, 1e-12)."""
-    a = np.asarray(a, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if a.shape != ref.shape:
-        return float("inf")
-    denom = max(float(np.abs(ref).max()) if ref.size else 0.0, 1e-12)
-    return float(np.abs(a - ref).max() / denom) if ref.size else 0.0
 
 
 def export_torch(module, input_shape: tuple[int, ...], *, opset: int = 17, input_name: str = "input",

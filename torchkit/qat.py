@@ -180,7 +180,7 @@ def onnx_layer_map(module, model) -> dict[str, str]:
     """torch module name -> ONNX layer name (passes.quant.qdq naming), matched by weight values."""
     from onnx import numpy_helper
 
-    from passes.quant.qdq import find_layers
+    from edgec.passes.quant.qdq import find_layers
 
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     out = {}
@@ -197,10 +197,10 @@ def onnx_layer_map(module, model) -> dict[str, str]:
 def allocate_bits(model, feeds, *, target_bits_per_weight: float, candidates=(8, 4, 3, 2), keep: dict[str, float] | None = None,
                   dialect=None, cache_dir: str | None = None) -> tuple[dict[str, int], dict]:
     """Bits per ONNX layer: weight-only sensitivity on `model` (the pruned one) + exact knapsack on nonzero bits."""
-    from passes.quant import allocate
-    from passes.quant.dialect import ORT_CPU
-    from passes.quant.qdq import find_layers, weight_bits
-    from passes.quant.sensitivity import measure_sensitivity
+    from edgec.passes.quant import allocate
+    from edgec.passes.quant.dialect import ORT_CPU
+    from edgec.passes.quant.qdq import find_layers, weight_bits
+    from edgec.passes.quant.sensitivity import measure_sensitivity
 
     dialect = dialect or ORT_CPU
     layers = find_layers(model)
@@ -217,7 +217,7 @@ def allocate_bits(model, feeds, *, target_bits_per_weight: float, candidates=(8,
 
 
 def _export(module, input_shape):
-    from pipeline.export import export_torch
+    from edgec.torchkit.export import export_torch
 
     m, _ = export_torch(module.eval(), tuple(input_shape))
     return m
@@ -226,7 +226,7 @@ def _export(module, input_shape):
 def _nonzero_keep(model) -> dict[str, float]:
     from onnx import numpy_helper
 
-    from passes.quant.qdq import find_layers
+    from edgec.passes.quant.qdq import find_layers
 
     inits = {i.name: i for i in model.graph.initializer}
     return {L.name: float((numpy_helper.to_array(inits[L.weight]) != 0).mean()) for L in find_layers(model)}
@@ -245,7 +245,7 @@ def compress_torch(module, x_train: np.ndarray, y_train: np.ndarray, input_shape
     """
     import copy
 
-    from passes.quant.qdq import find_layers, insert_qdq, weight_bits
+    from edgec.passes.quant.qdq import find_layers, insert_qdq, weight_bits
 
     net = copy.deepcopy(module)
     kept = {}

@@ -187,7 +187,7 @@ def kd_finetune(student, teacher, x: np.ndarray, y: np.ndarray | None, *, epochs
 def finetune_onnx(pruned: onnx.ModelProto, original: onnx.ModelProto, ctx, *, epochs: int, lr: float = 1e-3
                   ) -> tuple[onnx.ModelProto, dict]:
     """KD fine-tune of the pruned ONNX model on ctx.train_data = (x, y|None) (or the calibration inputs)."""
-    from pipeline.errors import EdgecError
+    from edgec.core.errors import EdgecError
 
     data = ctx.train_data
     if data is None:

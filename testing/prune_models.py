@@ -347,7 +347,7 @@ def zero_consumer_inputs(model: onnx.ModelProto, layers: list[dict], channels: n
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    from pipeline.onnx_io import ort_session
+    from edgec.core.onnx_io import ort_session
 
     return ort_session(model, optimize=False).run(None, {"input": x})[0]
 

@@ -115,3 +115,24 @@ def compare_models(cand_sess, ref_sess, feeds_iter, labels=None) -> dict:
         lab = None if labels is None else np.asarray([labels[i]])
         comp.update(cand_sess.run(None, f), ref_sess.run(None, f), lab)
     return comp.result()
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """max|a - ref| / max(max|ref|, 1e-12)."""
+    a = np.asarray(a, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if a.shape != ref.shape:
+        return float("inf")
+    denom = max(float(np.abs(ref).max()) if ref.size else 0.0, 1e-12)
+    return float(np.abs(a - ref).max() / denom) if ref.size else 0.0
+
+
+def max_rel(outs_a: list[list[np.ndarray]], outs_b: list[list[np.ndarray]]) -> float:
+    worst = 0.0
+    for oa, ob in zip(outs_a, outs_b):
+        for a, b in zip(oa, ob):
+            if np.issubdtype(np.asarray(b).dtype, np.floating):
+                worst = max(worst, rel_err(a, b))
+            elif not np.array_equal(a, b):
+                worst = max(worst, float("inf") if np.shape(a) != np.shape(b) else 1.0)
+    return worst

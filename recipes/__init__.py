@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML data). `edgec.pipeline.recipe` reads them from this package."""
