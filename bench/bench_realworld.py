@@ -79,7 +79,7 @@ def write_report(rows: list[dict], out: Path, recipe: str, size: str) -> str:
 
 
 def main(argv=None) -> int:
-    from tests import realworld_models as rw
+    from edgec.testing import realworld_models as rw
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="default")

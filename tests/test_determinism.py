@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgec.pipeline.cli import main
-from tests import realworld_models as rw
+from edgec.testing import realworld_models as rw
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["cleanup", "[normalize, cleanup]", "quant", "default"]

@@ -25,7 +25,7 @@ from edgec.core.errors import EdgecError
 from edgec.pipeline.guards import check_activation_budget, data_limit
 from edgec.pipeline.importer import fix_input_shapes, load_onnx_bytes
 from edgec.pipeline.runner import verify
-from tests import realworld_models as rw
+from edgec.testing import realworld_models as rw
 from tests.test_hostile import OpenLog
 
 N_MUTATIONS = 1500

@@ -103,7 +103,7 @@ def test_check_finite_array():
 
 def test_cli_max_memory_one_line(tmp_path, capsys):
     from edgec.pipeline.cli import main
-    from tests import realworld_models as rw
+    from edgec.testing import realworld_models as rw
 
     rec = rw.write_attention(tmp_path)
     out = tmp_path / "out"
@@ -118,7 +118,7 @@ def test_cli_max_memory_one_line(tmp_path, capsys):
 
 def test_cli_max_memory_refuses_absurd_input_shape_before_running(tmp_path, capsys):
     from edgec.pipeline.cli import main
-    from tests import realworld_models as rw
+    from edgec.testing import realworld_models as rw
 
     rec = rw.write_ultralytics(tmp_path)
     out = tmp_path / "out"

@@ -317,7 +317,7 @@ def test_large_model_goes_through_external_data_path(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(imp, "LARGE_MODEL_BYTES", 100)
     mdir = tmp_path / "m"
-    from tests import realworld_models as rw
+    from edgec.testing import realworld_models as rw
 
     rec = rw.write_external(mdir)
     weights = (rec.path.parent / "model.onnx.data").stat().st_size

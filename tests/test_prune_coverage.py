@@ -66,7 +66,7 @@ def test_real_model_removal_exact_under_zeroed_consumers(name):
     """On real graphs (SE, HardSwish/SiLU, channel shuffle, Flatten->Gemm): zero the consumer weights of a third of
     every prunable group's channels, remove those channels, and the outputs match within 1e-5 relative."""
     from edgec.passes.prune.graph import consumer_layers
-    from tests import prune_models as pm
+    from edgec.testing import prune_models as pm
 
     model = _export(name)
     groups = analyze(model)

@@ -17,7 +17,7 @@ from edgec.passes.costs import count_costs
 from edgec.passes.prune.apply import remove_channels
 from edgec.passes.prune.graph import CostModel, analyze, consumer_layers
 from edgec.core.onnx_io import check_model
-from tests import prune_models as pm
+from edgec.testing import prune_models as pm
 
 RTOL = 1e-5
 
@@ -230,7 +230,7 @@ def test_exact_transformer_mlp_hidden_channels(form):
 
     from edgec.passes.base import PassContext, get_pass, make_options
     from edgec.core.onnx_io import ort_session
-    from tests import realworld_models as rw
+    from edgec.testing import realworld_models as rw
 
     model = U.update_inputs_outputs_dims(rw.attention_model(), {"tokens": [1, 16, 32]},
                                          {"hidden": [1, 16, 32], "logits": [1, 10]})

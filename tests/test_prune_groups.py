@@ -10,7 +10,7 @@ from edgec.passes.costs import count_costs
 from edgec.passes.prune.apply import remove_channels
 from edgec.passes.prune.graph import (CostModel, analyze, bn_scales, consumer_layers, consumer_weights, producer_weights,
                                 round_keep, select_channels)
-from tests import prune_models as pm
+from edgec.testing import prune_models as pm
 
 
 def _by_producers(groups):

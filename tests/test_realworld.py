@@ -17,7 +17,7 @@ import pytest
 
 from edgec.pipeline.compile import CompileOptions, compile_model
 from edgec.pipeline.importer import finish_dynamic, load_onnx_file, verify_at_shapes
-from tests import realworld_models as rw
+from edgec.testing import realworld_models as rw
 
 # recipe -> minimum per-output cosine vs the original (issue 6 target for `default`: >= 0.99).
 RECIPES = {"cleanup": 0.9999, "[normalize, cleanup]": 0.9999, "quant": 0.99, "default": 0.99}

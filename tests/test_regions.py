@@ -14,7 +14,7 @@ import edgec.testing.prune_models as pm
 from edgec.passes.base import PassContext, get_pass, make_options
 from edgec.passes.regions import find_postprocess
 from edgec.pipeline.importer import fix_input_shapes
-from tests import realworld_models as rw
+from edgec.testing import realworld_models as rw
 
 
 def _static(name: str, tmp: Path) -> tuple[onnx.ModelProto, rw.RealWorld]:
