@@ -14,7 +14,10 @@ Rules, in order (each is exact; the runner checks outputs within 1e-4):
   5. a weight initializer shared by several Conv/ConvTranspose/Gemm/MatMul nodes is duplicated per consumer
      (w' = w), so BatchNorm folding, channel removal and per-layer quantization can treat each layer on its own
      (bounded by untie_max_bytes of extra weights; beyond that, sharing is kept and reported);
-  6. nodes get unique, deterministic names (empty or duplicate names -> <op>_<index>).
+  6. nodes get unique, deterministic names (empty or duplicate names -> <op>_<index>), unique across the whole
+     model, subgraphs included;
+  7. value_info (main graph and subgraphs) is dropped: exporters leave stale entries (-1 dims, another batch); the
+     runner's checks re-infer shapes.
 """
 from __future__ import annotations
 
@@ -212,18 +215,39 @@ def untie_shared_weights(model: onnx.ModelProto, max_bytes: int) -> tuple[int, i
     return copies, added, still
 
 
+def _all_graphs(g: onnx.GraphProto):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _all_graphs(sg)
+
+
 def name_nodes(model: onnx.ModelProto) -> int:
+    """Node names unique across the whole model, subgraphs (If/Loop/Scan bodies) included: passes derive new names
+    from node names, and ONNX requires them unique. Empty or repeated names -> <op>_<index> (<op>_<graph>_<index>
+    inside the k-th subgraph)."""
     seen, renamed = set(), 0
-    for i, n in enumerate(model.graph.node):
-        if not n.name or n.name in seen:
-            base = f"{n.op_type}_{i}"
-            nm = base
-            while nm in seen:
-                nm += "_"
-            n.name = nm
-            renamed += 1
-        seen.add(n.name)
+    for gi, g in enumerate(_all_graphs(model.graph)):
+        for i, n in enumerate(g.node):
+            if not n.name or n.name in seen:
+                base = f"{n.op_type}_{i}" if gi == 0 else f"{n.op_type}_g{gi}_{i}"
+                nm = base
+                while nm in seen:
+                    nm += "_"
+                n.name = nm
+                renamed += 1
+            seen.add(n.name)
     return renamed
+
+
+def drop_value_info(model: onnx.ModelProto) -> int:
+    """Exporter value_info (main graph and subgraphs) is a hint that can be stale; it is re-inferred by the checks."""
+    k = 0
+    for g in _all_graphs(model.graph):
+        k += len(g.value_info)
+        del g.value_info[:]
+    return k
 
 
 @register_pass("normalize", options=NormalizeOptions, exact=True)
@@ -246,6 +270,7 @@ def normalize(model: onnx.ModelProto, ctx: PassContext, opts: NormalizeOptions) 
         if still:
             stats["shared_weights_kept"] = still
             stats["shared_weights_kept_reason"] = f"copies would exceed untie_max_bytes={opts.untie_max_bytes}"
+    stats["value_info_dropped"] = drop_value_info(m)
     stats["nodes_renamed"] = name_nodes(m)
     after = Counter(n.op_type for n in m.graph.node)
     stats["op_delta"] = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))

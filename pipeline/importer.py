@@ -39,6 +39,7 @@ import onnx
 
 from edgec.core.errors import EdgecError
 from edgec.core.onnx_io import _first_line
+from edgec.pipeline.shape_meta import sanitize_shape_metadata
 
 log = logging.getLogger(__name__)
 
@@ -574,7 +575,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         n = math.prod(d.dim_value for d in dims if d.HasField("dim_value"))
         if n > MAX_INPUT_ELEMENTS:
             raise EdgecError(f"input '{inp.name}' has {n} elements, more than edgec accepts ({MAX_INPUT_ELEMENTS})")
-    del model.graph.value_info[:]
+    sanitize_shape_metadata(model)
     return model
 
 

@@ -241,6 +241,27 @@ def plan_activations(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
 
 
 # ----------------------------------------------------------------------------- insertion
+def _model_names(model: onnx.ModelProto) -> set[str]:
+    """Every node and tensor name in the model and all its subgraphs (If/Loop/Scan bodies): a name a pass creates
+    must collide with none of them (ONNX requires node names unique, and a subgraph may read outer tensors)."""
+    names: set[str] = set()
+
+    def walk(g: onnx.GraphProto) -> None:
+        names.update(i.name for i in g.initializer)
+        names.update(i.name for i in g.input)
+        names.update(o.name for o in g.output)
+        for n in g.node:
+            names.add(n.name)
+            names.update(n.output)
+            for a in n.attribute:
+                for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(sg)
+
+    walk(model.graph)
+    names.discard("")
+    return names
+
+
 def _np_dtype(name: str):
     return {"uint8": np.uint8, "int8": np.int8}[name]
 
@@ -302,7 +323,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
     for ni, n in enumerate(g.node):
         if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in init_map:
             node_index[layer_name(n, ni)] = ni
-    used_names = {i.name for i in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    used_names = _model_names(m)  # unique across the whole model, subgraphs included (node and tensor names)
 
     def uniq(base: str) -> str:
         name, k = base, 1
