@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgec.core.progress import Progress, as_progress
+
 log = logging.getLogger(__name__)
 
 
@@ -39,11 +41,18 @@ class PassContext:
     quant_dialect: the target's quantization dialect (a passes.quant dialect object) or None.
     seed: the one seed every random choice flows from.
     cache_dir: where passes may cache measurements (sensitivities, latency tables).
-    progress: progress(msg) for long steps.
+    progress: the progress API (edgec.core.progress.Progress): `track(iterable, total=, desc=)` draws one bar per
+        long loop, `step(desc)` wraps a long step, `detail(msg)` is -v detail, `progress(msg)` one INFO line. A plain
+        `fn(msg)` given here is wrapped. Bars are silent in tests and under -q.
     latency_probe: optional callable(model) -> median ms at batch 1 on the target (for latency budgets).
     target_probe: optional object from the target offering measured costs (per-layer latency tables).
     input_shapes: the concrete compile shape {input: dims}; when the model keeps dynamic axes (--dynamic) its
         inputs stay symbolic, and passes count MACs / read spatial sizes at these shapes.
+    validate_batches / validate_labels: the validate split (disjoint from calib_batches, the fit split): every
+        fidelity decision (floors, bisections, promotions) is measured here, never on the samples a pass fitted to.
+        None (library use): floors fall back to calib_batches and say so.
+    fidelity: the recipe's fidelity policy (passes.floor.FloorSpec) that every lossy pass obeys; None: the pass's own
+        floor options (library use).
     """
 
     calib_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
@@ -55,10 +64,16 @@ class PassContext:
     seed: int = 0
     cache_dir: str | None = None
     threads: int = 1
-    progress: Callable[[str], None] = lambda msg: log.info(msg)
+    progress: Progress = field(default_factory=Progress)
     latency_probe: Callable[[onnx.ModelProto], float] | None = None
     target_probe: Any = None  # target-provided measurements (e.g. per-layer latency tables); see targets/
     input_shapes: dict[str, tuple[int, ...]] | None = None
+    validate_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
+    validate_labels: np.ndarray | None = None
+    fidelity: Any = None  # passes.floor.FloorSpec
+
+    def __post_init__(self) -> None:
+        self.progress = as_progress(self.progress)
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator derived from the run seed and a per-use salt, so every random choice flows from --seed."""

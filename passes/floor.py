@@ -1,9 +1,14 @@
-"""Fidelity floors shared by the compression passes: a candidate is accepted only if, on calibration samples and
-against the reference (original FP32) model, it keeps
+"""Fidelity floors shared by the compression passes: a candidate is accepted only if, on the validate split (samples
+no pass fitted to: PassContext.validate_batches) and against the reference (original FP32) model, it keeps
 
   top-1 agreement >= min_top1_agreement        (the first classifier-shaped output: 2-D [N, C], C >= 2)
-  accuracy drop   <= max_accuracy_drop          (points; needs calibration labels)
+  accuracy drop   <= max_accuracy_drop          (points; needs validate labels)
   cosine(output)  >= min_cosine for each output in scope, cosine averaged over samples as in core.fidelity
+                     (min_cosine is one number for every output, or {output: number})
+
+The thresholds come from the recipe's `fidelity:` policy (PassContext.fidelity) when there is one: every lossy pass
+obeys the same policy and no pass carries its own copy. A pass's own floor options apply only without a policy
+(library use); without a validate split (library use) the floor is measured on the fit samples and says so.
 
 A decode / post-processing region (passes/regions.py) changes what "output" means: the tensors entering it (raw
 head outputs) are always measured. `region_gate: auto` holds the cosine floor on them when NMS / TopK / NonZero make
@@ -44,8 +49,14 @@ class FloorSpec:
     def __post_init__(self):
         for nm in ("min_top1_agreement", "min_cosine"):
             v = getattr(self, nm)
-            if v is not None and not (isinstance(v, (int, float)) and -1.0 <= float(v) <= 1.0):
-                raise ValueError(f"{nm} must be a number in [-1, 1], got {v!r}")
+            vals = list(v.values()) if nm == "min_cosine" and isinstance(v, dict) else [v]
+            for x in vals:
+                if x is not None and not (isinstance(x, (int, float)) and -1.0 <= float(x) <= 1.0):
+                    raise ValueError(f"{nm} must be a number in [-1, 1]" + (" or {output: number}" if nm ==
+                                     "min_cosine" else "") + f", got {v!r}")
+        if self.max_accuracy_drop is not None and not (isinstance(self.max_accuracy_drop, (int, float))
+                                                       and 0 <= self.max_accuracy_drop <= 100):
+            raise ValueError(f"max_accuracy_drop is in points of accuracy (0-100), got {self.max_accuracy_drop!r}")
         if self.cosine_scope not in COSINE_SCOPES:
             raise ValueError(f"cosine_scope must be one of {', '.join(COSINE_SCOPES)}, got {self.cosine_scope!r}")
         if self.region_gate not in REGION_GATES:
@@ -57,6 +68,27 @@ class FloorSpec:
     def active(self) -> bool:
         return any(v is not None for v in (self.min_top1_agreement, self.max_accuracy_drop, self.min_cosine))
 
+    def cosine_floor(self, output: str) -> float | None:
+        c = self.min_cosine
+        if isinstance(c, dict):
+            # an output not named (e.g. a decode-region tap "node:slot") holds the strictest of the given floors
+            return c.get(output, min(c.values()) if c else None)
+        return c
+
+    def thresholds(self) -> dict:
+        return {k: v for k, v in (("min_top1_agreement", self.min_top1_agreement), ("max_accuracy_drop",
+                self.max_accuracy_drop), ("min_cosine", self.min_cosine)) if v is not None}
+
+
+def policy_spec(ctx, spec: FloorSpec) -> FloorSpec:
+    """The pass's floor under the compile's fidelity policy: thresholds and scope from ctx.fidelity (when set), and
+    the policy's sample count (the whole validate split); region_gate stays the pass's."""
+    pol = getattr(ctx, "fidelity", None)
+    if pol is None:
+        return spec
+    return FloorSpec(pol.min_top1_agreement, pol.max_accuracy_drop, pol.min_cosine, pol.cosine_scope, pol.samples,
+                     spec.region_gate)
+
 
 def _classifier_shaped(a: np.ndarray) -> bool:
     return a.ndim == 2 and a.shape[1] >= 2
@@ -67,14 +99,18 @@ class OutputFloor:
 
     def __init__(self, ctx, spec: FloorSpec, model: onnx.ModelProto, always: bool = False):
         """always=True prepares the samples even without a floor (a search that scores every candidate)."""
+        spec = policy_spec(ctx, spec)
         self.spec = spec
         self.active = spec.active
         if not self.active and not always:
             return
         self.threads = ctx.threads
-        self.feeds = list(itertools.islice(ctx.calib_batches(), spec.samples))
+        val = getattr(ctx, "validate_batches", None)
+        self.measured_on = "validate split" if val is not None else "fit samples (no validate split given)"
+        self.feeds = list(itertools.islice((val or ctx.calib_batches)(), spec.samples))
         if not self.feeds:
-            raise EdgecError("the fidelity floor needs calibration samples (none were given)")
+            raise EdgecError("the fidelity floor needs validate or calibration samples (none were given)")
+        all_labels = ctx.validate_labels if val is not None else ctx.calib_labels
         ref = ctx.reference_model if ctx.reference_model is not None else model
         self.names = [o.name for o in ref.graph.output]
         # a decode / post-processing region (passes/regions.py): the tensors entering it (raw head outputs) are
@@ -105,10 +141,10 @@ class OutputFloor:
         self.active = bool(self.cosine_outputs) or spec.min_top1_agreement is not None \
             or spec.max_accuracy_drop is not None
         self.labels = None
-        if ctx.calib_labels is not None and len(ctx.calib_labels) >= len(self.feeds):
-            self.labels = np.asarray(ctx.calib_labels[: len(self.feeds)])
+        if all_labels is not None and len(all_labels) >= len(self.feeds):
+            self.labels = np.asarray(all_labels[: len(self.feeds)])
         if spec.max_accuracy_drop is not None and self.labels is None:
-            raise EdgecError("max_accuracy_drop needs labelled calibration data (--data with labels)")
+            raise EdgecError("max_accuracy_drop needs labelled data (--data with labels)")
         if self.cls_index is None and (spec.min_top1_agreement is not None or spec.max_accuracy_drop is not None) \
                 and spec.min_cosine is None:
             raise EdgecError("min_top1_agreement / max_accuracy_drop need a classifier output ([N, C]); this model has "
@@ -150,14 +186,14 @@ class OutputFloor:
             return False
         if sp.max_accuracy_drop is not None and m.get("accuracy_drop", 0.0) > sp.max_accuracy_drop:
             return False
-        if sp.min_cosine is not None and any(c < sp.min_cosine for c in m.get("cosine", {}).values()):
+        if sp.min_cosine is not None and any(c < sp.cosine_floor(n) for n, c in m.get("cosine", {}).items()):
             return False
         return True
 
     def describe(self) -> dict:
         sp = self.spec
-        d = {k: v for k, v in (("min_top1_agreement", sp.min_top1_agreement), ("max_accuracy_drop", sp.max_accuracy_drop),
-                               ("min_cosine", sp.min_cosine)) if v is not None}
+        d = sp.thresholds()
+        d.update(measured_on=self.measured_on, samples=len(self.feeds))
         if sp.min_cosine is not None:
             d["cosine_scope"] = sp.cosine_scope
             d["cosine_outputs"] = list(self.cosine_outputs)
