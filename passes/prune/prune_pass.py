@@ -212,7 +212,7 @@ def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOpt
                                        max_positions=opts.max_positions, seed=ctx.seed, threads=ctx.threads)
     taylor = {}
     if criterion == "taylor":
-        from edgec.passes.prune import torch_tools
+        from edgec.torchkit import prune_tools as torch_tools
 
         taylor = torch_tools.taylor_scores(model, groups, ctx, samples=opts.score_samples,
                                            temperature=opts.taylor_temperature)
@@ -322,6 +322,10 @@ def _select(groups_by_id, scores, keep_counts):
         g = groups_by_id[gid]
         if k >= g.size:
             continue
+        if g.align > 1 and k % g.align:  # never fail on alignment: the nearest valid count (allocate.unit)
+            k = alloc.round_keep(k, g.size, 1, g.align)
+            if k >= g.size:
+                continue
         out[gid] = select_channels(g, scores[gid], int(k))
     return out
 
@@ -370,7 +374,8 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
     elif opts.allocation == "sensitivity":
         curves = {}
         cache = cache if cache is not None else {}
-        for k, g in enumerate(prunable):
+        bar = ctx.progress.track(prunable, desc="prune: sensitivity", unit="group")
+        for k, g in enumerate(bar):
             key = ("sensitivity", g.id, opts.sensitivity_ratios, opts.sensitivity_refit, opts.round_to)
             if key in cache:
                 curves[g.id] = cache[key]
@@ -400,7 +405,8 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
                 cur[r] = 1.0 - probe(m)
             curves[g.id] = cur
             cache[key] = cur
-            ctx.progress(f"sensitivity {k + 1}/{len(prunable)} group {g.id}: {cur}")
+            ctx.progress.detail(f"sensitivity {k + 1}/{len(prunable)} group {g.id}: {cur}")
+            bar.note(group=g.id, worst_loss=max(cur.values(), default=0.0))
         a = alloc.sensitivity(curves, sizes, cost_f, budget, r2, aligns)
     else:  # ga
         base = alloc.uniform(sizes, cost_f, budget, r2, aligns)
@@ -458,10 +464,12 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
     m = model_pruned
     if opts.recovery in ("lstsq", "fusion+lstsq") and layers:
         t0 = time.perf_counter()
+        bar = ctx.progress.bar(len(layers), "prune: least-squares refit", unit="layer")
         m, st = R.lstsq_refit(m, model_ref, sorted(layers), ctx.calib_batches, samples=opts.calib_samples,
                               ridge=opts.ridge, max_positions=opts.max_positions,
                               residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
-                              out_channels=out_channels, progress=ctx.progress)
+                              out_channels=out_channels, progress=bar.tick)
+        bar.close()
         stats["lstsq"] = {"seconds": round(time.perf_counter() - t0, 2), "layers": st}
     return m
 
@@ -619,7 +627,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
                 pruned, a, keep_idx, rstats, stats, base = res
                 stats["floor"] = info
     if opts.finetune_epochs > 0:
-        from edgec.passes.prune import torch_tools
+        from edgec.torchkit import prune_tools as torch_tools
 
         pruned, ft = torch_tools.finetune_onnx(pruned, model, ctx, epochs=opts.finetune_epochs, lr=opts.finetune_lr)
         stats["finetune"] = ft
@@ -652,6 +660,10 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
         "allocation_details": a.details, "keep": {str(k): int(v) for k, v in a.keep.items()},
         "seconds": round(time.perf_counter() - t_start, 2), **stats,
     }
+    notes_al = {str(g.id): n for g in _candidates(groups, opts)
+                if (n := alloc.alignment_note(g.size, opts.round_to, g.align))}
+    if notes_al:
+        out_stats["alignment_notes"] = notes_al
     if lat:
         out_stats["latency_search"] = lat
     if post:
