@@ -7,7 +7,8 @@ All are exact: outputs must match their input within 1e-4 relative (checked by t
   remove_identity  Identity(x) -> x; Dropout(x, training=False) -> x
   eliminate_dead   drop nodes whose outputs reach no graph output
   infer_shapes     annotate value_info with ONNX shape inference
-  cleanup          all of the above, in that order
+  cleanup          all of the above, in that order; on an already-quantized model only the bit-exact steps
+                   (Identity/Dropout removal, dead nodes): see `cleanup`
 """
 from __future__ import annotations
 
@@ -143,6 +144,36 @@ def infer_shapes(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
     return PassResult(out, modified=True, stats={"value_infos": len(out.graph.value_info)})
 
 
+# Ops that mean the model was quantized by another tool (ORT quantize_dynamic/static, TF/TFLite converters, NNCF,
+# PyTorch QAT export). Found anywhere, subgraphs included.
+QUANTIZED_OPS = frozenset({
+    "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax", "QLinearReduceMean",
+    "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "MatMulNBits", "QAttention",
+})
+
+
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """{op: count} of quantization ops anywhere in the model (main graph and subgraphs); empty for a float model."""
+    found: Counter = Counter()
+
+    def walk(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            if n.op_type in QUANTIZED_OPS:
+                found[n.op_type] += 1
+            for a in n.attribute:
+                for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(sg)
+
+    walk(model.graph)
+    return dict(sorted(found.items()))
+
+
+def describe_quantized(found: dict[str, int]) -> str:
+    return ", ".join(f"{op} x{k}" for op, k in found.items())
+
+
 @dataclass(frozen=True)
 class CleanupOptions:
     fold_constants: bool = True
@@ -152,7 +183,22 @@ class CleanupOptions:
 
 @register_pass("cleanup", options=CleanupOptions, exact=True)
 def cleanup(model: onnx.ModelProto, ctx: PassContext, opts: CleanupOptions) -> PassResult:
-    """fold constants, fold BatchNorm (W' = W*gamma/sqrt(var+eps)), remove Identity/Dropout, drop dead nodes, infer shapes."""
+    """fold constants, fold BatchNorm (W' = W*gamma/sqrt(var+eps)), remove Identity/Dropout, drop dead nodes, infer shapes.
+
+    An already-quantized model (see QUANTIZED_OPS) gets only the bit-exact steps (Identity/Dropout removal, dead
+    nodes): folding reorders fp32 arithmetic, and the last-bit change in front of a DynamicQuantizeLinear or
+    QuantizeLinear can flip a uint8 code -- one quantization step, far more than rounding noise (and a different
+    argmax or decoded length downstream). Bit-identical inputs to every quantizer keep the model exact."""
+    found = quantized_ops(model)
+    if found:
+        out = _apply(model, *([_identity] if opts.remove_identity else []), _dead)
+        del out.graph.value_info[:]
+        out = onnx.shape_inference.infer_shapes(out, data_prop=True)
+        res = _result(model, out)
+        res.stats["already_quantized"] = found
+        res.stats["folding_skipped"] = ("already quantized by another tool (" + describe_quantized(found) + "): "
+                                        "constant/BatchNorm folding skipped so every quantizer sees bit-identical inputs")
+        return res
     steps = []
     if opts.fold_constants:
         steps.append(_lift_and_fold)
