@@ -11,12 +11,15 @@
                mutation, roulette selection on fitness f = fid + theta * (2 - macs/macs0 - params/params0);
                every decoded individual is scaled into the budget first. Deterministic for a given rng.
 
-Rounding: kept counts are multiples of u = max(round_to, align) (u = align when the group is smaller than u),
-never 0, at most n_g.
+Rounding: a group's alignment is the least common multiple of every constraint on it, u = lcm(round_to, align)
+(align: the grouped-conv block structure from the dependency analysis, graph.py). Kept counts are multiples of u,
+never 0, at most n_g (n_g itself is always valid). When u exceeds n_g, the target's round_to yields and u = align
+(the nearest feasible counts); a group whose grid has no count below n_g is kept whole (`alignment_note` says why).
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,8 +59,22 @@ class Allocation:
 
 
 def unit(size: int, round_to: int, align: int = 1) -> int:
-    u = max(int(round_to), int(align), 1)
-    return u if size >= u else max(int(align), 1)
+    """The step of valid kept counts: lcm(round_to, align) when it fits in the group, else align."""
+    a = max(int(align), 1)
+    u = math.lcm(max(int(round_to), 1), a)
+    return u if u <= size else a
+
+
+def alignment_note(size: int, round_to: int, align: int = 1) -> str | None:
+    """Why a group's kept counts leave the lcm(round_to, align) grid or cannot go below its size; None otherwise."""
+    a = max(int(align), 1)
+    u = math.lcm(max(int(round_to), 1), a)
+    if u < size:
+        return None
+    what = f"alignment lcm(round_to={round_to}, grouped-conv blocks={a}) = {u}"
+    if u == size or a >= size:
+        return f"{what} leaves no pruned count below its {size} channels: kept whole"
+    return f"{what} exceeds its {size} channels: kept counts are multiples of {a} (round_to relaxed)"
 
 
 def round_keep(k: float, size: int, round_to: int = 8, align: int = 1) -> int:

@@ -1287,13 +1287,11 @@ def consumer_layers(model: onnx.ModelProto, g: Group) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- helpers
 
 def round_keep(g: Group, n: float, round_to: int = 1) -> int:
-    """A valid kept count near n: a multiple of lcm(round_to, align) when the group is big enough, else of align; >= align."""
-    a = max(1, g.align)
-    step = math.lcm(a, max(1, round_to))
-    if g.size < 2 * step:
-        step = a
-    k = int(round(n / step)) * step
-    return int(min(max(k, step if step <= g.size else a), g.size))
+    """A valid kept count near n on the group's grid: multiples of lcm(round_to, align), or of align when that lcm
+    exceeds the group (allocate.unit); the group's size is always valid."""
+    from edgec.passes.prune.allocate import round_keep as _round
+
+    return _round(n, g.size, round_to, g.align)
 
 
 def select_channels(g: Group, scores: np.ndarray, n_keep: int) -> np.ndarray:
