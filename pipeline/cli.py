@@ -38,7 +38,10 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_default: int):
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print only the summary table (and warnings/errors on stderr)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="detail logs: per-group / per-layer measurements at full precision")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="efficientnet_lite0", help="model spec (default: efficientnet_lite0)")
     g.add_argument("--weights", help="state-dict .pth for torchvision:/factory models (loaded with weights_only=True)")
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(ONNX cleanup, structured channel removal, mixed-bit quantization; ORT / TensorRT / Jetson).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary table (and warnings/errors on stderr)")
+    p.add_argument("-v", "--verbose", action="store_true", help="detail logs: per-group / per-layer measurements")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     c = sub.add_parser("compile", help="compile a model for a target and write OUT/ with a report",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,18 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(quiet: bool, debug: bool) -> None:
+def _setup_logging(quiet: bool, debug: bool, verbose: bool = False) -> None:
+    """Logs and progress bars go to stderr (the report table to stdout): -q warnings only and no bars, default
+    progress bars and one line per step, -v (or --debug) edgec's detail at DEBUG."""
+    from edgec.core import progress
+
+    progress.configure(bars=not quiet)
     t0 = time.perf_counter()
 
     class Fmt(logging.Formatter):
         def format(self, record):
             return f"[{time.perf_counter() - t0:7.1f}s] {record.getMessage()}"
 
-    h = logging.StreamHandler(sys.stderr)
+    h = progress.LogHandler(sys.stderr)
     h.setFormatter(Fmt())
     root = logging.getLogger()
     root.handlers[:] = [h]
     root.setLevel(logging.WARNING if quiet else (logging.DEBUG if debug else logging.INFO))
+    logging.getLogger("edgec").setLevel(logging.DEBUG if (verbose or debug) and not quiet else logging.NOTSET)
     for noisy in ("onnxscript", "onnx_ir", "matplotlib", "PIL", "torch", "onnx2torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -145,7 +155,7 @@ def _cmd_recipes() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet, args.debug)
+    _setup_logging(args.quiet, args.debug, args.verbose)
     try:
         if args.cmd == "passes":
             return _cmd_passes()
@@ -186,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"edgec: internal error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        from edgec.core import progress
+
+        progress.configure(bars=False)  # main() called in-process (tests) leaves the library silent
 
 
 if __name__ == "__main__":

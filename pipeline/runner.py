@@ -21,6 +21,7 @@ from edgec.passes.costs import count_costs
 from edgec.core.errors import EdgecError, PassFailed
 from edgec.core.fidelity import Comparator, max_rel
 from edgec.core.onnx_io import check_model, ort_session, run_session
+from edgec.core.progress import human, seconds
 from edgec.pipeline.exactness import EXACT_RTOL, NOISE_K, exact_tolerance, noise_floor
 from edgec.pipeline.recipe import Recipe
 
@@ -117,7 +118,8 @@ def run_recipe(model: onnx.ModelProto, recipe: Recipe, ctx: PassContext, *, veri
         rec = StageRecord(step.name, spec.exact, options_dict(step.options), round(dt, 3), res.modified,
                           res.stats, err, comp.result()["summary"], costs, len(new_model.graph.node))
         result.stages.append(rec)
-        log.info("pass %-16s %6.2fs  err_vs_prev=%.2e  macs=%d", step.name, dt, err, costs["macs"])
+        log.info("pass %s done: %s, error vs previous %s, %s M MACs", step.name, seconds(dt), human(err),
+                 human(round(costs["macs"] / 1e6, 1)))
         result.model = new_model
         result.models.append(new_model)
         prev_outs = outs
