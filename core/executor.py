@@ -7,14 +7,40 @@ its item, and any randomness inside it is seeded from the item (never from a wor
 
 Large shared inputs (a model, calibration arrays) go through `executor.put(obj)` once and are passed to `fn` as the
 returned handle; `executor.get(handle)` inside `fn` returns the object. In process the handle is the object itself.
+
+Two implementations:
+  InProcess (IN_PROCESS, the default): a loop here.
+  RayExecutor: the items run as Ray tasks (one CPU each) on a Ray cluster, chosen by `make_executor(spec)` from
+    `--cluster` / EDGEC_CLUSTER:  auto (the cluster this host joined, RAY_ADDRESS) | ray://HOST:PORT (Ray Client) |
+    HOST:PORT (a head's GCS address, as `ray start --address` uses) | local:N (start a private Ray with N workers).
+    `fn` is shipped to the object store once per map, put() objects once per put; a worker deserializes a handle
+    once and keeps the last few (so N tasks on one worker cost one copy). A task whose worker process crashed or
+    whose node was lost is retried once (Ray max_retries=1); a second loss is reported as WorkerLost naming the
+    item. When no live node can run the remaining tasks (every worker gone) for `lost_grace_s`, they are reported
+    as WorkerLost instead of waiting forever. An exception raised by `fn` is not retried (it is deterministic): it
+    propagates as itself (the lowest-index one when several items fail, as the serial loop would).
+Ray is an optional extra (`pip install 'edgec[ray]'`), imported only when a cluster is asked for.
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
+from edgec.core.errors import EdgecError
+
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+ENV = "EDGEC_CLUSTER"
+SPEC_HELP = "auto | ray://HOST:PORT | HOST:PORT | local:N"
 
 
 class Executor(Protocol):
@@ -28,20 +54,268 @@ class Executor(Protocol):
     def get(self, handle: Any) -> Any: ...
 
 
+class WorkerLost(EdgecError):
+    """An item whose worker was lost (process crashed, node died) on its first run and on its retry."""
+
+    exit_code = 1
+
+
+# ----------------------------------------------------------------------------- handles
+
+_MEMO: OrderedDict = OrderedDict()  # per process: the last few objects fetched from Ray's object store
+_MEMO_SIZE = 4
+
+
+def get_handle(handle: Any) -> Any:
+    """The object behind a put() handle: a Ray ObjectRef is fetched (once per process, memoised); anything else
+    is returned as is. Works in the driver, in Ray workers and without Ray installed."""
+    ray = sys.modules.get("ray")
+    if ray is None or not isinstance(handle, getattr(ray, "ObjectRef", ())):
+        return handle
+    key = handle.hex()
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    obj = ray.get(handle)
+    _MEMO[key] = obj
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return obj
+
+
 class InProcess:
     """The default: runs `fn` over the items here, one after another."""
 
     name = "in-process"
     workers = 1
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T], *, desc: str = "") -> list[R]:
-        return [fn(it) for it in items]
+    def map(self, fn: Callable[[T], R], items: Iterable[T], *, desc: str = "",
+            return_exceptions: bool = False) -> list[R]:
+        """return_exceptions: an item whose fn raised yields its exception in the list instead of raising."""
+        if not return_exceptions:
+            return [fn(it) for it in items]
+        out = []
+        for it in items:
+            try:
+                out.append(fn(it))
+            except Exception as e:  # noqa: BLE001 - handed back to the caller, which reports it
+                out.append(e)
+        return out
 
     def put(self, obj: Any) -> Any:
         return obj
 
     def get(self, handle: Any) -> Any:
-        return handle
+        return get_handle(handle)
+
+    def close(self) -> None:
+        pass
 
 
 IN_PROCESS = InProcess()
+
+
+# ----------------------------------------------------------------------------- factory
+
+def import_ray():
+    """Ray, or one EdgecError line saying how to get it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise EdgecError("--cluster needs Ray, which is not installed: pip install 'edgec[ray]'") from None
+    return ray
+
+
+def parse_cluster(spec: str) -> tuple[str, Any]:
+    """('auto', None) | ('client', 'ray://H:P') | ('gcs', 'H:P') | ('local', N); EdgecError on anything else."""
+    s = spec.strip()
+    if s == "auto":
+        return "auto", None
+    m = re.fullmatch(r"local:(\d+)", s)
+    if m:
+        n = int(m.group(1))
+        if not 1 <= n <= 256:
+            raise EdgecError(f"--cluster local:N needs 1 <= N <= 256, got {n}")
+        return "local", n
+    m = re.fullmatch(r"(ray://)?([A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})", s)
+    if m and 0 < int(m.group(3)) < 65536:
+        return ("client", s) if m.group(1) else ("gcs", s)
+    raise EdgecError(f"--cluster expects {SPEC_HELP}, got '{spec}'")
+
+
+def cluster_spec(spec: str | None = None) -> str:
+    """The cluster asked for: `spec` if given (also ''), else $EDGEC_CLUSTER, else '' (in process)."""
+    s = os.environ.get(ENV, "") if spec is None else spec
+    return (s or "").strip()
+
+
+def make_executor(spec: str | None = None) -> Executor:
+    """IN_PROCESS unless a cluster is asked for (`spec`, else $EDGEC_CLUSTER); then a connected RayExecutor.
+
+    'none', 'off' and '' mean in process. Call `.close()` when done (it stops a local:N Ray it started)."""
+    s = cluster_spec(spec)
+    if s in ("", "none", "off", "in-process"):
+        return IN_PROCESS
+    kind, val = parse_cluster(s)
+    return RayExecutor(kind, val, spec=s)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+def _run_item(fn, item):
+    """The Ray task body: fn (fetched once per worker from its object-store ref) applied to one item."""
+    return fn(item)
+
+
+def _in_worker():
+    return IN_PROCESS
+
+
+class RayExecutor:
+    """`map` over Ray tasks; see the module docstring for retries, lost workers and handles."""
+
+    name = "ray"
+
+    def __init__(self, kind: str, value: Any = None, *, spec: str = "", retries: int = 1,
+                 lost_grace_s: float | None = None, object_store_mb: int | None = None, poll_s: float = 1.0):
+        self.ray = import_ray()
+        self.kind, self.spec = kind, spec or f"{kind}:{value}"
+        self.retries = int(retries)
+        self.lost_grace_s = float(lost_grace_s if lost_grace_s is not None
+                                  else os.environ.get("EDGEC_CLUSTER_LOST_GRACE_S", 60))
+        self.poll_s = float(poll_s)
+        self._owns = False
+        self._connect(kind, value, object_store_mb)
+        self._task = self.ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_run_item)
+
+    def _connect(self, kind: str, value: Any, object_store_mb: int | None) -> None:
+        ray = self.ray
+        if ray.is_initialized():  # already connected in this process (another executor, a test): share it
+            return
+        kw = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+        try:
+            if kind == "local":
+                mb = int(object_store_mb or os.environ.get("EDGEC_RAY_OBJECT_STORE_MB", 300))
+                ray.init(num_cpus=int(value), object_store_memory=mb * 1024 * 1024, **kw)
+                self._owns = True
+            else:
+                addr = {"auto": "auto", "client": value, "gcs": value}[kind]
+                kw.pop("include_dashboard")
+                if kind == "client":
+                    kw.pop("log_to_driver")
+                ray.init(address=addr, **kw)
+        except EdgecError:
+            raise
+        except Exception as e:  # ConnectionError, RuntimeError, ValueError from ray.init: one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgecError(f"cannot use the Ray cluster '{self.spec}': {msg}") from None
+        log.info("executor: Ray %s (%s), %d CPU worker slot(s)", ray.__version__, self.spec, self.workers)
+
+    def __reduce__(self):  # captured in a task's closure: inside a worker, nested maps run in process
+        return (_in_worker, ())
+
+    @property
+    def workers(self) -> int:
+        return max(1, int(self.ray.cluster_resources().get("CPU", 0)))
+
+    def put(self, obj: Any) -> Any:
+        return self.ray.put(obj)
+
+    def get(self, handle: Any) -> Any:
+        return get_handle(handle)
+
+    def close(self) -> None:
+        if self._owns and self.ray.is_initialized():
+            self.ray.shutdown()
+        self._owns = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ map
+    def map(self, fn: Callable[[T], R], items: Iterable[T], *, desc: str = "", return_exceptions: bool = False,
+            resources: dict[str, float] | None = None) -> list[R]:
+        """fn over items as Ray tasks, results in the items' order.
+
+        resources: extra custom resources each task needs (e.g. {"jetson_orin_nano": 1}).
+        return_exceptions: an item whose fn raised, or whose worker was lost twice, yields the exception."""
+        items = list(items)
+        if not items:
+            return []
+        label = desc or getattr(fn, "__qualname__", "task")
+        task = self._task.options(resources=resources) if resources else self._task
+        fn_ref = self.ray.put(fn)  # shipped once, not once per task
+        refs = [task.options(name=f"{label}[{i}]").remote(fn_ref, it) for i, it in enumerate(items)]
+        results: list[Any] = [None] * len(items)
+        failed: dict[int, BaseException] = {}
+        self._collect(refs, items, label, results, failed, {"CPU": 1.0, **(resources or {})})
+        if failed and not return_exceptions:
+            raise failed[min(failed)]
+        for i, e in failed.items():
+            results[i] = e
+        return results
+
+    def _collect(self, refs, items, label, results, failed, need) -> None:
+        ray = self.ray
+        pending = {r: i for i, r in enumerate(refs)}
+        no_room_since = None
+        done = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll_s)
+            for r in ready:
+                i = pending.pop(r)
+                done += 1
+                try:
+                    results[i] = ray.get(r)
+                except ray.exceptions.RayTaskError as e:  # fn raised: deterministic, not retried
+                    cause = getattr(e, "cause", None)
+                    failed[i] = cause if isinstance(cause, BaseException) else e
+                except ray.exceptions.RayError as e:  # worker crashed / node lost, on the run and its retry
+                    failed[i] = WorkerLost(f"{label}: item {i} ({_short(items[i])}) lost its worker twice "
+                                           f"({type(e).__name__}: {_first_line(e)})")
+                    log.warning("%s", failed[i])
+                log.debug("%s: %d/%d done", label, done, len(refs))
+            if ready or not pending:
+                no_room_since = None
+                continue
+            if self._room(need):
+                no_room_since = None
+            elif no_room_since is None:
+                no_room_since = time.monotonic()
+            elif time.monotonic() - no_room_since > self.lost_grace_s:
+                self._give_up(pending, items, label, failed, need)
+                return
+
+    def _room(self, need: dict[str, float]) -> bool:
+        """Whether some live node could run a task needing `need` (its totals, not what is free now)."""
+        try:
+            nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        except Exception:  # noqa: BLE001 - the GCS itself is gone: nothing can run
+            return False
+        return any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items()) for n in nodes)
+
+    def _give_up(self, pending, items, label, failed, need) -> None:
+        for r, i in pending.items():
+            failed[i] = WorkerLost(f"{label}: item {i} ({_short(items[i])}) has no worker left to run on "
+                                   f"(no live node with {need} for {self.lost_grace_s:.0f} s)")
+            log.warning("%s", failed[i])
+            try:
+                self.ray.cancel(r, force=True)
+            except Exception:  # noqa: BLE001 - best effort: the task is reported either way
+                pass
+        pending.clear()
+
+
+def _short(item: Any) -> str:
+    s = getattr(item, "name", None)
+    s = s if isinstance(s, str) else repr(item)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else ""

@@ -1,6 +1,6 @@
 """CI artifact builds: compile a list of models x targets (x recipes) from YAML, one tarball per combination.
 
-    python -m pipeline.artifacts artifacts.yaml [--out DIR] [--only SUBSTRING] [--bench]
+    python -m pipeline.artifacts artifacts.yaml [--out DIR] [--only SUBSTRING] [--cluster SPEC]
 
 Reproducibility: the same inputs give byte-identical model.onnx and manifest.json (no timestamps or host
 paths in hashed content). Each tarball lists its entries in sorted order with mtime 0, uid/gid 0, empty
@@ -9,6 +9,14 @@ files that hold measurements (report.json, report.md: timings, seconds) travel i
 outside the manifest's hashes. Beside each tarball, <name>.manifest.json is a copy of its manifest.
 The run writes artifacts.json (per combination: status, tarball sha256, manifest and model sha256) and
 prints a summary table; the exit status is non-zero when any combination failed.
+
+On a cluster (--cluster / EDGEC_CLUSTER, see core.executor and docs/cluster.md) every combination is one Ray task:
+the worker compiles into a private temporary directory and packs the same deterministic tarball, which comes back
+with its manifest and is written here (and unpacked under build/ as the serial run leaves it); the outputs are
+byte-identical to the serial run's. A worker lost on a combination is retried once; a second loss, or no worker
+left to run it, is reported as that combination's failure (the build never waits forever), so the exit is non-zero.
+Workers run in this directory when it exists on their host (the same checkout), so relative model paths and the
+measurement cache (.cache/edgec) resolve as they do here.
 
 YAML:
     out: out/artifacts            # optional
@@ -38,6 +46,7 @@ from typing import Any, Callable
 import yaml
 
 from edgec.core.errors import EdgecError
+from edgec.core.executor import IN_PROCESS, Executor, make_executor
 
 log = logging.getLogger(__name__)
 
@@ -238,15 +247,81 @@ def build_one(combo: Combo, root: Path, compile_fn: CompileFn = compile_combo) -
         return Outcome(combo, False, time.perf_counter() - t0, error=f"internal error: {type(e).__name__}: {msg}")
 
 
-def build_all(combos: list[Combo], root: Path, compile_fn: CompileFn = compile_combo) -> list[Outcome]:
+def build_all(combos: list[Combo], root: Path, compile_fn: CompileFn = compile_combo,
+              executor: Executor = IN_PROCESS) -> list[Outcome]:
+    """Build every combination (serially in process, or one task per combination on a cluster executor)."""
     root.mkdir(parents=True, exist_ok=True)
-    outcomes = []
-    for i, c in enumerate(combos, 1):
-        log.info("[%d/%d] %s", i, len(combos), c.name)
-        outcomes.append(build_one(c, root, compile_fn))
+    if isinstance(executor, type(IN_PROCESS)):
+        outcomes = []
+        for i, c in enumerate(combos, 1):
+            log.info("[%d/%d] %s", i, len(combos), c.name)
+            outcomes.append(build_one(c, root, compile_fn))
+    else:
+        outcomes = _build_on(executor, combos, root, compile_fn)
     summary = {"artifacts": [o.as_dict() for o in outcomes], "failed": sum(not o.ok for o in outcomes)}
     (root / "artifacts.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return outcomes
+
+
+@dataclass(frozen=True)
+class _RemoteBuild:
+    """One combination's task: the callable shipped to a cluster worker (picklable, no closures)."""
+
+    compile_fn: Any
+    cwd: str
+
+    def __call__(self, combo: Combo) -> tuple[Outcome, bytes, bytes]:
+        import os
+        import tempfile
+
+        here = os.getcwd()
+        if os.path.isdir(self.cwd):
+            os.chdir(self.cwd)
+        try:
+            with tempfile.TemporaryDirectory(prefix="edgec-artifact-") as tmp:
+                o = build_one(combo, Path(tmp), self.compile_fn)
+                if not o.ok:
+                    return o, b"", b""
+                return (o, (Path(tmp) / o.tarball).read_bytes(),
+                        (Path(tmp) / f"{combo.name}.manifest.json").read_bytes())
+        finally:
+            os.chdir(here)
+
+
+def _build_on(executor: Executor, combos: list[Combo], root: Path, compile_fn: CompileFn) -> list[Outcome]:
+    log.info("building %d combination(s) on %s (%d worker slot(s))", len(combos), executor.name, executor.workers)
+    res = executor.map(_RemoteBuild(compile_fn, str(Path.cwd())), combos, desc="artifacts", return_exceptions=True)
+    outcomes = []
+    for c, r in zip(combos, res):
+        if isinstance(r, BaseException):  # the worker was lost twice, or none was left to run it
+            msg = str(r).strip().splitlines()[0] if str(r).strip() else type(r).__name__
+            outcomes.append(Outcome(c, False, 0.0, error=msg))
+            continue
+        o, tar_bytes, man_bytes = r
+        if o.ok:
+            if _sha256(tar_bytes) != o.tar_sha256:
+                o = Outcome(c, False, o.seconds, error="the tarball was corrupted on its way back from the worker")
+            else:
+                _write_back(root, c, tar_bytes, man_bytes)
+        outcomes.append(o)
+        log.info("%s %s (%.1f s)", c.name, "ok" if o.ok else f"FAILED: {o.error}", o.seconds)
+    return outcomes
+
+
+def _write_back(root: Path, combo: Combo, tar_bytes: bytes, man_bytes: bytes) -> None:
+    """The tarball and manifest beside it, and the build directory unpacked as the serial run leaves it."""
+    import shutil
+
+    tar = root / f"{combo.name}.tar.gz"
+    tmp = tar.with_name(tar.name + ".tmp")
+    tmp.write_bytes(tar_bytes)
+    tmp.replace(tar)
+    (root / f"{combo.name}.manifest.json").write_bytes(man_bytes)
+    build = root / "build"
+    shutil.rmtree(build / combo.name, ignore_errors=True)
+    build.mkdir(exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:gz") as tf:
+        tf.extractall(build, filter="data")
 
 
 def summary_table(outcomes: list[Outcome]) -> str:
@@ -267,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("spec", nargs="?", default="artifacts.yaml")
     ap.add_argument("--out", default=None, help="output directory (default: the spec's 'out', else out/artifacts)")
     ap.add_argument("--only", default=None, help="build only combinations whose name contains this")
+    ap.add_argument("--cluster", default=None, metavar="SPEC",
+                    help="build on a Ray cluster: auto | ray://HOST:PORT | HOST:PORT | local:N "
+                         "(default: $EDGEC_CLUSTER, else serially here)")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
@@ -277,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
             if not combos:
                 raise EdgecError(f"no combination matches --only {a.only}")
         root = Path(a.out or out or "out/artifacts")
-        outcomes = build_all(combos, root)
+        executor = make_executor(a.cluster)
+        try:
+            outcomes = build_all(combos, root, executor=executor)
+        finally:
+            getattr(executor, "close", lambda: None)()
     except EdgecError as e:
         print(f"edgec artifacts: error: {e}", file=sys.stderr)
         return e.exit_code
