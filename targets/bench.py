@@ -23,6 +23,7 @@ import onnx
 from onnx import helper
 
 from edgec.core.onnx_io import ort_session, run_session, save_onnx
+from edgec.core.progress import track
 
 log = logging.getLogger(__name__)
 MIN_WARMUP, MIN_RUNS = 20, 200
@@ -50,7 +51,7 @@ def latency_interleaved(models: dict[str, str | onnx.ModelProto], feeds: dict[st
     times = {k: [] for k in sessions}
     keys = list(sessions)
     clock = time.perf_counter
-    for r in range(runs):
+    for r in track(range(runs), desc=f"timing, {threads} thread(s)", unit="round"):  # bar updates outside the clock
         order = keys[r % len(keys):] + keys[: r % len(keys)]
         for k in order:
             s, f = sessions[k], fmap[k]
