@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgec.core.executor import IN_PROCESS
 from edgec.core.progress import Progress, as_progress
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class PassContext:
         None (library use): floors fall back to calib_batches and say so.
     fidelity: the recipe's fidelity policy (passes.floor.FloorSpec) that every lossy pass obeys; None: the pass's own
         floor options (library use).
+    executor: the executor seam (edgec.core.executor) that evaluates many independent candidates: in process by
+        default, a Ray cluster under --cluster. Results never depend on it.
     """
 
     calib_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
@@ -71,6 +74,7 @@ class PassContext:
     validate_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
     validate_labels: np.ndarray | None = None
     fidelity: Any = None  # passes.floor.FloorSpec
+    executor: Any = IN_PROCESS  # edgec.core.executor.Executor
 
     def __post_init__(self) -> None:
         self.progress = as_progress(self.progress)
