@@ -158,7 +158,13 @@ def make_executor(spec: str | None = None) -> Executor:
     if s in ("", "none", "off", "in-process"):
         return IN_PROCESS
     kind, val = parse_cluster(s)
-    return RayExecutor(kind, val, spec=s)
+    ex = _OPEN.get(s)
+    if ex is None or not ex.ray.is_initialized():  # one connection per process: later calls share it
+        ex = _OPEN[s] = RayExecutor(kind, val, spec=s)
+    return ex
+
+
+_OPEN: dict[str, "RayExecutor"] = {}
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -185,6 +191,7 @@ class RayExecutor:
         self.lost_grace_s = float(lost_grace_s if lost_grace_s is not None
                                   else os.environ.get("EDGEC_CLUSTER_LOST_GRACE_S", 60))
         self.poll_s = float(poll_s)
+        self.stats = {"maps": 0, "tasks": 0, "lost": 0}
         self._owns = False
         self._connect(kind, value, object_store_mb)
         self._task = self.ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_run_item)
@@ -229,6 +236,8 @@ class RayExecutor:
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
         self._owns = False
+        if _OPEN.get(self.spec) is self:
+            del _OPEN[self.spec]
 
     def __enter__(self):
         return self
@@ -250,9 +259,12 @@ class RayExecutor:
         task = self._task.options(resources=resources) if resources else self._task
         fn_ref = self.ray.put(fn)  # shipped once, not once per task
         refs = [task.options(name=f"{label}[{i}]").remote(fn_ref, it) for i, it in enumerate(items)]
+        self.stats["maps"] += 1
+        self.stats["tasks"] += len(refs)
         results: list[Any] = [None] * len(items)
         failed: dict[int, BaseException] = {}
         self._collect(refs, items, label, results, failed, {"CPU": 1.0, **(resources or {})})
+        self.stats["lost"] += sum(isinstance(e, WorkerLost) for e in failed.values())
         if failed and not return_exceptions:
             raise failed[min(failed)]
         for i, e in failed.items():

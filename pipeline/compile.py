@@ -21,11 +21,13 @@ from edgec.passes.base import PassContext
 from edgec.passes.costs import count_costs
 from edgec.pipeline import report as rep
 from edgec.core.errors import EdgecError
+from edgec.core.executor import make_executor
 from edgec.core.fidelity import Comparator
 from edgec.pipeline.guards import MemoryGuard, check_activation_budget, check_finite_state_dict, parse_memory
 from edgec.pipeline.importer import finish_dynamic, fix_input_shapes, load_onnx_file, parse_shapes, plan_input_shapes
 from edgec.core.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
 from edgec.pipeline.recipe import load_recipe
+from edgec.pipeline.cluster import make_compile_probe
 from edgec.pipeline.runner import run_recipe, verify
 from edgec.pipeline.sources import OnnxSource, TorchSource, resolve
 from edgec.targets.base import BuildContext, get_target
@@ -60,6 +62,8 @@ class CompileOptions:
     layout: str | None = None
     cache_dir: str | None = None
     target_opts: dict = field(default_factory=dict)
+    cluster: str | None = None  # --cluster: where candidate evaluations run (core.executor); None: $EDGEC_CLUSTER, else here
+    probe_device: str | None = None  # --probe-device: measure the target's costs on the cluster node with this resource
     command: str = ""
 
     def __post_init__(self):
@@ -152,12 +156,12 @@ def _compile_model(opts: CompileOptions) -> dict:
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
     cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
-    probe = getattr(target, "make_probe", None)
+    executor = make_executor(opts.cluster)  # results never depend on it (see core.executor)
+    tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
     ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), calib_labels=calib.labels, reference_model=reference,
                       torch_model=torch_module, quant_dialect=target.DIALECT, seed=opts.seed, cache_dir=cache_dir,
                       threads=opts.threads[0], progress=_progress,
-                      target_probe=probe(opts.threads[0], cache_dir, input_shapes=concrete) if probe else None,
-                      input_shapes=dict(concrete) if concrete else None)
+                      target_probe=tprobe, input_shapes=dict(concrete) if concrete else None, executor=executor)
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     result = run_recipe(model, recipe, ctx)
     final = result.model
