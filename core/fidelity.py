@@ -107,16 +107,6 @@ class Comparator:
         return {"summary": summary, "per_output": per}
 
 
-def compare_models(cand_sess, ref_sess, feeds_iter, labels=None) -> dict:
-    """Run two ORT sessions on the same feeds and compare every output."""
-    names = [o.name for o in ref_sess.get_outputs()]
-    comp = Comparator(names)
-    for i, f in enumerate(feeds_iter):
-        lab = None if labels is None else np.asarray([labels[i]])
-        comp.update(cand_sess.run(None, f), ref_sess.run(None, f), lab)
-    return comp.result()
-
-
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     """max|a - ref| / max(max|ref|, 1e-12)."""
     a = np.asarray(a, np.float64)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _WEIGHT_TYPES = _FLOAT_TYPES | {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
@@ -140,11 +139,3 @@ def _count(model: onnx.ModelProto, shapes: dict) -> Costs:
         if macs:
             per[name] = int(macs)
     return Costs(macs=sum(per.values()), params=count_params(model), per_node=per)
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init) if init.data_type != onnx.TensorProto.INT4 else None
-        total += arr.nbytes if arr is not None else (_prod(init.dims) + 1) // 2
-    return total

@@ -3,7 +3,6 @@
 A target module exposes:
   NAME: str
   DIALECT: passes.quant.dialect.QuantDialect   (the Q/DQ policy the quantizer follows)
-  CHANNEL_ALIGN: int                            (channel rounding the pruner should respect)
   build(model, outdir, ctx: BuildContext) -> dict   writes engine files into outdir, returns {artifacts, settings, ...}
   bench(outdir, ctx: BuildContext) -> dict | None   measures on this host if it can, else None with a reason
 """

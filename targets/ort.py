@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 NAME = "ort"
 DIALECT = ORT_CPU
-CHANNEL_ALIGN = 8
 
 
 def session_settings(threads: int, opt_level: str) -> dict:
@@ -53,7 +52,3 @@ def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
     return {"artifacts": ["model.onnx", "model.ort.onnx", "session.json"], "settings": settings,
             "optimized_model": opt_path.name,
             "kernels": {k: {"claimed": v["claimed"], "effective": v["effective"], "kernel": v["kernel"]} for k, v in kernels.items()}}
-
-
-def candidate_session(outdir: Path, ctx: BuildContext, threads: int = 1):
-    return ort_session(str(outdir / "model.onnx"), threads=threads, level=ctx.opt_level)

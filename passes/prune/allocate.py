@@ -88,13 +88,6 @@ def round_keep(k: float, size: int, round_to: int = 8, align: int = 1) -> int:
     return max(r, min(u, size))
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, sorted ascending (ties broken by index for determinism)."""
-    scores = np.asarray(scores, np.float64)
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    return np.sort(order[:k])
-
-
 def _bisect(make: Callable[[float], dict[int, int]], cost: CostFn, budget: Budget, lo: float, hi: float,
             iters: int = 40) -> tuple[dict[int, int], tuple[float, float], float]:
     """Largest a in [lo, hi] with make(a) inside the budget (make must be monotone non-decreasing in a)."""
@@ -175,12 +168,6 @@ def knee_ratio(elem: np.ndarray, grid: int = 64) -> tuple[float, float]:
     kappa[0] = kappa[-1] = 0.0
     i = int(np.argmax(kappa))
     return float(max(R[i], 1e-3)), float(t[i])
-
-
-def effective_params(elem: np.ndarray, t_rel: float) -> np.ndarray:
-    """Seed 000: per channel (rows of elem), the number of weights above t_rel * max."""
-    e = np.abs(np.asarray(elem, np.float64))
-    return (e > t_rel * float(e.max() or 1.0)).sum(axis=1).astype(np.float64)
 
 
 def adaptive(elems: dict[int, np.ndarray], cost: CostFn, budget: Budget, round_to: int = 8,

@@ -19,7 +19,6 @@ different scale contribute equally and scores are comparable across groups (glob
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 
@@ -161,10 +160,6 @@ def recon_scores(problems, n: int, ridge: float = 1e-3) -> np.ndarray:
     top = (finite.max() if len(finite) else 1.0) * 2 + 1.0
     s[order] = np.where(np.isfinite(cum), cum, top)
     return s
-
-
-def combine(parts: list[Callable[[], np.ndarray]]) -> np.ndarray:
-    return sum(p() for p in parts)
 
 
 # ----------------------------------------------------------------------------- model-level scoring

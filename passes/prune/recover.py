@@ -55,13 +55,6 @@ def _node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
     return None
 
 
-def _node_by_output(model: onnx.ModelProto, out: str) -> onnx.NodeProto | None:
-    for n in model.graph.node:
-        if out in n.output:
-            return n
-    return None
-
-
 def _unique_name(model: onnx.ModelProto, base: str) -> str:
     names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     name, k = base, 0

@@ -30,9 +30,8 @@ from edgec.passes.regions import find_postprocess
 from edgec.passes.quant import allocate
 from edgec.passes.quant.dialect import ORT_CPU, QuantDialect
 from edgec.passes.quant.qdq import Layer, find_layers, fold_pads, insert_qdq, op_counts, plan_activations, weight_bits
-from edgec.passes.quant.sensitivity import measure_sensitivity, output_distance
+from edgec.passes.quant.sensitivity import measure_sensitivity
 from edgec.core.errors import EdgecError
-from edgec.core.onnx_io import ort_session, run_session
 
 log = logging.getLogger(__name__)
 
@@ -451,8 +450,3 @@ def _hist(bits: dict[str, int]) -> dict[str, int]:
 def quantize(model: onnx.ModelProto, ctx: PassContext, **options) -> PassResult:
     """Library entry point (tests, joint search): quant(model, ctx, QuantOptions(**options))."""
     return quant(model, ctx, QuantOptions(**options))
-
-
-def output_kl(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: list[dict]) -> float:
-    sa, sb = ort_session(model_a, optimize=True), ort_session(model_b, optimize=True)
-    return float(np.mean([output_distance(run_session(sa, f), run_session(sb, f)) for f in feeds]))

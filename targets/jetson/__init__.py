@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 NAME = "jetson"
 DIALECT = TENSORRT
-CHANNEL_ALIGN = 8
 
 
 def _edgec_version() -> str:

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 NAME = "tensorrt"
 DIALECT = TENSORRT
-CHANNEL_ALIGN = 8
 ENGINE = "model.engine"
 TIMING_CACHE = "model.timing.cache"
 DEFAULT_REFERENCE_SAMPLES = 64

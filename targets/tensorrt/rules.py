@@ -316,16 +316,6 @@ def check_graph(model: onnx.ModelProto) -> RuleReport:
     return rep
 
 
-def check_or_raise(model: onnx.ModelProto) -> RuleReport:
-    """Run the checker, log a one-line summary, raise EdgecError on the first error."""
-    rep = check_graph(model)
-    log.info("TensorRT rule check: %d error(s), %d warning(s)", len(rep.errors), len(rep.warnings))
-    for f in rep.warnings[:10]:
-        log.warning("TensorRT rule warning: %s", f.line())
-    rep.raise_for_errors()
-    return rep
-
-
 def main(argv=None) -> int:
     """python -m targets.tensorrt.rules model.onnx [--json]: exit 1 when a rule is broken."""
     import argparse
