@@ -61,6 +61,10 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
     g.add_argument("--out", help="output directory (default: out/<model>-<target>-<recipe>)")
     g.add_argument("--seed", type=int, default=0, help="the one seed every random choice flows from (default: 0)")
     g.add_argument("--cache-dir", help="where measurements that steer choices are cached (default: .cache/edgec)")
+    g.add_argument("--cluster", metavar="SPEC", help="evaluate candidates on Ray: auto | ray://HOST:PORT | HOST:PORT | "
+                   "local:N (default: $EDGEC_CLUSTER, else in process; needs edgec[ray]; docs/cluster.md)")
+    g.add_argument("--probe-device", metavar="RESOURCE", help="measure the target's latency costs on the cluster node "
+                   "carrying this Ray resource, e.g. cpu_arm64 (needs --cluster)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="calibration/eval data: bundled | synthetic | DIR | .npy | .npz (default: bundled)")
     g.add_argument("--calib-samples", type=int, default=64)
@@ -106,7 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_args(b, bench_default=True, runs_default=500)
     sub.add_parser("passes", help="list passes, their rule and options")
     sub.add_parser("recipes", help="list shipped recipes")
+    f = sub.add_parser("bench-farm", help="benchmark a compiled bundle on every cluster device carrying the resources")
+    f.add_argument("bundle", help="a compiled output directory (model.onnx; a Jetson bundle runs its own bench.py)")
+    f.add_argument("--cluster", metavar="SPEC", help="auto | ray://HOST:PORT | HOST:PORT (default: $EDGEC_CLUSTER)")
+    f.add_argument("--devices", required=True, help="device resources, comma-separated, e.g. jetson_orin_nano,cpu_x86")
+    f.add_argument("--threads", type=_ints, default=(1,), help="intra-op threads for ORT bundles (default: 1)")
+    f.add_argument("--warmup", type=int, default=20)
+    f.add_argument("--runs", type=int, default=200)
+    f.add_argument("--out", help="where farm.json and farm.md go (default: the bundle directory)")
     return p
+
+
+def _cmd_bench_farm(args) -> int:
+    from edgec.pipeline.cluster import farm_markdown, run_bench_farm
+
+    report, dest = run_bench_farm(args.cluster, args.bundle, args.devices, tuple(args.threads), args.runs, args.warmup,
+                                  args.out)
+    print(farm_markdown(report))
+    print(f"  farm report: {dest}/farm.md  ({dest}/farm.json)")
+    return 1 if report["failed"] else 0
 
 
 def _setup_logging(quiet: bool, debug: bool, verbose: bool = False) -> None:
@@ -161,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_passes()
         if args.cmd == "recipes":
             return _cmd_recipes()
+        if args.cmd == "bench-farm":
+            return _cmd_bench_farm(args)
         from edgec.pipeline.compile import CompileOptions, command_line, compile_model
         from edgec.pipeline.report import summary_table
 
@@ -171,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                               warmup=args.warmup, runs=args.runs, opt_level=args.opt_level,
                               dynamic_batch=args.dynamic_batch, dynamic=args.dynamic, max_memory=args.max_memory,
                               mean=args.mean, std=args.std, layout=args.layout, cache_dir=args.cache_dir,
-                              target_opts=_target_opts(args.target_opt), command=command_line())
+                              target_opts=_target_opts(args.target_opt), cluster=args.cluster,
+                              probe_device=args.probe_device, command=command_line())
         report = compile_model(opts)
         print(summary_table(report))
         print(f"  report: {report['out']}/report.md  ({report['out']}/report.json)")
