@@ -1,7 +1,7 @@
 """The edges of the IR: loading, saving and running ONNX models, and atomic writes.
 
-Every model read from disk goes through `load_onnx`, which refuses anything it cannot trust
-(see pipeline/importer.py for the validation rules). Every file written goes through `atomic_write`.
+There is no loader here: a model a user gives is read by the importer (edgec.pipeline.importer.load_onnx_file /
+load_onnx_bytes), which refuses anything it cannot trust. Every file written goes through `atomic_write`.
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ def _outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[list[np.ndarray]
 
 
 def verify(model: onnx.ModelProto, feeds: list[dict], *, stage: str, ran: tuple[str, ...]) -> tuple[onnx.ModelProto, list]:
-    """Checker + shape inference + an ORT run. Returns (shape-inferred model, outputs per feed)."""
+    """Checker + strict shape inference + an ORT run, as checks. Returns (the model as given, outputs per feed):
+    the inferred copy is discarded, so value_info is never added behind a pass's back."""
     try:
         inferred = check_model(model)
         outs = _outputs(model, feeds)

@@ -196,8 +196,8 @@ def _memo_analysis():
 
 
 # ----------------------------------------------------------------------------- scoring
-def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOptions) -> tuple[dict, dict]:
-    """{gid: scores (size,)} and {gid: note} (fallbacks)."""
+def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOptions) -> tuple[dict, dict, dict]:
+    """({gid: scores (size,)}, {gid: note} (fallbacks), {gid: activation stats} (reused by fusion recovery))."""
     from edgec.passes.prune import graph as G
 
     notes: dict[int, str] = {}
