@@ -70,12 +70,15 @@ def make_ctx(extra=None, n=6):
                         eval_split=eval_split(n), extra=dict(extra or {}))
 
 
-def build_bundle(tmp_path, name="b", *, quantized=True, extra=None):
+def build_bundle(tmp_path, name="b", *, quantized=True, extra=None, model=None):
+    """A bundle for the tiny classifier; every bundle is linted (trtexec.sh against trtexec 10.3)."""
     from edgec.targets import jetson
+    from edgec.testing.fake_tensorrt.lint import lint_trtexec
 
     out = tmp_path / name
     out.mkdir()
-    res = jetson.build(tiny_classifier(quantized=quantized), out, make_ctx(extra))
+    res = jetson.build(model if model is not None else tiny_classifier(quantized=quantized), out, make_ctx(extra))
+    assert lint_trtexec(out) == []
     return out, res
 
 
@@ -108,8 +111,8 @@ def builder_mod(bundle):
 
 # ----------------------------------------------------------------------------- contents
 
-EXPECTED = {"model.onnx", "build_engine.py", "bench.py", "trtexec.sh", "reference_outputs.npz", "manifest.json",
-            "README.md", "rules.json"}
+EXPECTED = {"model.onnx", "baseline.onnx", "build_engine.py", "bench.py", "trtexec.sh", "reference_outputs.npz",
+            "manifest.json", "README.md", "rules.json"}
 
 
 def test_bundle_contents(bundle):
@@ -149,6 +152,7 @@ def test_manifest_hashes_every_file(bundle):
     man = json.loads((out / "manifest.json").read_text())
     assert man["target"] == "jetson" and man["recipe"]["name"] == "test"
     assert man["targets"]["tensorrt"] == ">=10.3,<11" and "6.1" in man["targets"]["jetpack"]
+    assert man["targets"]["cuda_python"] == ">=12,<13"  # cuda-python 13 needs a CUDA 13 driver; JetPack 6 has 12.6
     assert set(man["files"]) == {p.name for p in out.iterdir() if p.is_file()} - {"manifest.json"}
     for name, h in man["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == h, name
@@ -162,22 +166,73 @@ def test_bundle_is_byte_reproducible(tmp_path):
         assert p.read_bytes() == (b / p.name).read_bytes(), p.name
 
 
+def _trtexec_lines(out):
+    from edgec.testing.fake_tensorrt.lint import trtexec_commands
+
+    return trtexec_commands((out / "trtexec.sh").read_text())
+
+
 def test_trtexec_strongly_typed_for_qdq(bundle):
     text = (bundle[0] / "trtexec.sh").read_text()
     for flag in ("--onnx=model.onnx", "--stronglyTyped", "--saveEngine=", "--timingCacheFile=model.timing.cache",
                  "--iterations=200", "--warmUp=", "--percentile=50,90,99", "--exportTimes="):
         assert flag in text, flag
-    assert "--fp16" not in text and "--useDLACore" not in text
+    build, base, load = _trtexec_lines(bundle[0])
+    assert "--stronglyTyped" in build and "--fp16" not in build and not any("DLA" in a for a in build)
+    assert "--onnx=baseline.onnx" in base and "--fp16" in base and "--stronglyTyped" not in base
+    assert not any(a.startswith("--shapes") for a in build + base + load)  # static model: trtexec refuses shapes
 
 
-def test_trtexec_fp16_and_dla(tmp_path):
+def test_trtexec_fp16_and_dla_static_has_no_shapes(tmp_path):
+    """Bug 2: a static model gets no --shapes family flag, even when the user gave its (static) shape."""
     out, res = build_bundle(tmp_path, quantized=False, extra={"dla_core": 0, "shapes": {"x": "1x3x16x16"}})
-    text = (out / "trtexec.sh").read_text()
-    assert "--fp16" in text and "--stronglyTyped" not in text
-    assert "--useDLACore=0 --allowGPUFallback" in text and "--shapes=x:1x3x16x16" in text
+    build, base, load = _trtexec_lines(out)
+    assert "--fp16" in build and "--stronglyTyped" not in build
+    assert "--useDLACore=0" in build and "--allowGPUFallback" in build and "--useDLACore=0" in load
+    assert not any(a.split("=")[0] in ("--shapes", "--minShapes", "--optShapes", "--maxShapes") for a in build + load)
     readme = (out / "README.md").read_text()
     assert "python3 build_engine.py --dla-core 0 --shape x=1x3x16x16" in readme
     assert "nvpmodel" in readme and "jetson_clocks" in readme and "bench.py" in readme
+
+
+def test_trtexec_quantized_dla_is_fp16_int8_not_strongly_typed(tmp_path):
+    """Bug 1: --stronglyTyped with --useDLACore cannot build (trtexec sets FP16 for DLA)."""
+    out, res = build_bundle(tmp_path, quantized=True, extra={"dla_core": 1})
+    build = _trtexec_lines(out)[0]
+    assert "--stronglyTyped" not in build and {"--fp16", "--int8", "--useDLACore=1", "--allowGPUFallback"} <= set(build)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["precision"] == "dla-fp16-int8-from-qdq" and man["build_argv"] == ["--dla-core", "1"]
+
+
+def _dynamic_classifier():
+    m = tiny_classifier(quantized=True)
+    for vi in (m.graph.input[0], m.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    return m
+
+
+def test_trtexec_dynamic_model_gets_min_opt_max(tmp_path):
+    out, res = build_bundle(tmp_path, extra={"shapes": {"x": "1x3x16x16,4x3x16x16,8x3x16x16"}},
+                            model=_dynamic_classifier())
+    build, base, load = _trtexec_lines(out)
+    for line in (build, base):
+        assert {"--minShapes=x:1x3x16x16", "--optShapes=x:4x3x16x16", "--maxShapes=x:8x3x16x16"} <= set(line)
+    assert "--shapes=x:4x3x16x16" in load
+    out2, _ = build_bundle(tmp_path, "default", model=_dynamic_classifier())  # no shapes: batch 1, as build_engine.py
+    assert "--minShapes=x:1x3x16x16" in _trtexec_lines(out2)[0]
+
+
+def test_trtexec_lint_catches_each_broken_line(tmp_path):
+    from edgec.testing.fake_tensorrt.lint import lint_trtexec
+
+    out, _ = build_bundle(tmp_path)
+    good = (out / "trtexec.sh").read_text()
+    for bad, why in (("--stronglyTyped", "--stronglyTyped --useDLACore=0"), ("--percentile", "--percentiles"),
+                     ("--saveEngine=model.trtexec.engine", "--saveEngine=model.trtexec.engine --shapes=x:1x3x16x16")):
+        (out / "trtexec.sh").write_text(good.replace(bad, why, 1))
+        assert lint_trtexec(out), why
+    (out / "trtexec.sh").write_text(good)
+    assert lint_trtexec(out) == []
 
 
 def test_reference_outputs_match_the_fp32_model(bundle, bench_mod):

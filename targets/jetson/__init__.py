@@ -2,8 +2,11 @@
 
 A TensorRT engine is tied to its GPU architecture and TensorRT version, so the honest artifact for a Jetson
 is the compiled ONNX graph (TensorRT dialect) plus everything needed to build and measure it in place:
-build_engine.py, bench.py, trtexec.sh, reference_outputs.npz, manifest.json and a README (see
-targets/jetson/bundle.py). The TensorRT rule checker runs first and stops the build naming the node.
+build_engine.py, bench.py, trtexec.sh, reference_outputs.npz, manifest.json, a README and baseline.onnx
+(the original graph, from which the device builds the FP16 baseline engine that bench.py times against the
+compiled one in the same run; see targets/jetson/bundle.py). The TensorRT rule checker runs first, judging
+precisions for the Jetson Orin GPU (SM 8.7: no FP8; ctx.extra["device"] overrides), and stops the build
+naming the node.
 When this host has TensorRT 10.x and a CUDA GPU, the engine is built and benchmarked right away (numbers
 marked not comparable to a clock-locked Jetson); otherwise one log line says the engine build is deferred
 to the device and where the bundle is.
@@ -28,6 +31,7 @@ from edgec.targets.jetson import bundle as B
 log = logging.getLogger(__name__)
 
 NAME = "jetson"
+DEVICE = "orin"
 DIALECT = TENSORRT
 
 
@@ -40,7 +44,9 @@ def _edgec_version() -> str:
         return "unknown"
 
 
-precheck = trt_target.precheck  # the rule checker, before any pass runs
+def precheck(model: onnx.ModelProto) -> dict:
+    """The rule checker on the imported model, before any pass runs, judged for Orin."""
+    return trt_target.check_rules(model, device=DEVICE)
 
 
 def final_dir(outdir: Path, ctx: BuildContext) -> Path:
@@ -55,14 +61,16 @@ def final_dir(outdir: Path, ctx: BuildContext) -> Path:
 
 def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
     outdir = Path(outdir)
-    rules = trt_target.check_rules(model, outdir)          # first: stop on a broken rule, naming the node
+    rules = trt_target.check_rules(model, outdir, device=(ctx.extra or {}).get("device", DEVICE))  # first
     settings = trt_target.build_settings(ctx)
     if not (outdir / "model.onnx").exists():
         save_onnx(model, outdir / "model.onnx")
     quantized = B.is_quantized(model)
     files = ["model.onnx", "rules.json"]
     files += B.write_scripts(outdir)
-    files.append(B.write_trtexec(outdir, settings, ctx, quantized=quantized))
+    files.append(B.write_trtexec(outdir, settings, ctx, quantized=quantized, model=model))
+    base = trt_target.write_baseline(outdir, ctx)
+    files += [base] if base else []
 
     feeds, outs, names = trt_target.reference_samples(ctx)
     labels = None
@@ -85,6 +93,8 @@ def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
         result["engine"] = trt_target.engine_build(outdir, settings)
         result["deferred"] = False
         files += [trt_target.ENGINE, trt_target.TIMING_CACHE, "model.build.json"]
+        if "baseline" in result["engine"]:
+            files += [trt_target.BASELINE_ENGINE, "baseline.build.json"]
     else:
         result.update(engine=None, deferred=True, deferred_reason=why)
         log.warning("engine build deferred to the device (%s here); bundle: %s", why, final_dir(outdir, ctx))

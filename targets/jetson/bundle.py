@@ -3,7 +3,10 @@ paths), so two builds from the same inputs give byte-identical files and manifes
 
   build_engine.py        targets/tensorrt/builder.py, verbatim
   bench.py               targets/tensorrt/runner.py + bundle_templates/bench_tail.py
-  trtexec.sh             bundle_templates/trtexec.sh.in
+  trtexec.sh             bundle_templates/trtexec.sh.in: never --stronglyTyped with --useDLACore (trtexec sets FP16
+                         for DLA, which a strongly typed network rejects); no --shapes family for a static model
+                         (trtexec refuses explicit shapes there)
+  baseline.onnx          the original FP32 graph: build_engine.py builds the FP16 baseline engine from it
   README.md              bundle_templates/README.md.in
   reference_outputs.npz  FP32 reference outputs + inputs, zip entries with a fixed date (1980-01-01)
   manifest.json          sha256 of every other file, edgec version, recipe, targeted JetPack/TensorRT
@@ -28,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "bundle_templates"
 TRT_DIR = HERE.parent / "tensorrt"
 TARGETED = {"jetpack": "6.1 / 6.2 (L4T R36.4)", "tensorrt": ">=10.3,<11", "cuda": "12.6",
-            "python": ">=3.8", "cuda_python": ">=12"}
+            "python": ">=3.8", "cuda_python": ">=12,<13"}
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 NOT_HASHED = {"manifest.json", "report.json", "report.md", "report.host.json"}
 
@@ -57,63 +60,108 @@ def write_scripts(outdir: Path) -> list[str]:
     return ["build_engine.py", "bench.py"]
 
 
-def _shape_flags(settings: dict, load: bool) -> str:
-    parts = []
-    shapes = settings.get("shapes") or {}
-    fmt = lambda d: "x".join(str(x) for x in d)  # noqa: E731
-    if shapes:
-        static = all(mn == opt == mx for mn, opt, mx in shapes.values())
-        if static or load:
-            parts.append("--shapes=" + ",".join(f"{n}:{fmt(v[1])}" for n, v in sorted(shapes.items())))
-        else:
-            for flag, i in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
-                parts.append(f"{flag}=" + ",".join(f"{n}:{fmt(v[i])}" for n, v in sorted(shapes.items())))
+def _fmt(d) -> str:
+    return "x".join(str(x) for x in d)
+
+
+def model_inputs(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...]]]:
+    """[(input name, dims with -1 for a symbolic or unknown dim)] of the graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            dims = vi.type.tensor_type.shape.dim
+            out.append((vi.name, tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in dims)))
+    return out
+
+
+def trtexec_profile(settings: dict, inputs) -> dict:
+    """{input: (min, opt, max)} for trtexec's shape flags: empty when every input is static (trtexec refuses
+    explicit shapes for a static model); else build_engine.py's profile (given shapes, batch 1 by default)."""
+    if all(d >= 0 for _, dims in inputs for d in dims):
+        return {}
+    from edgec.targets.tensorrt.builder import resolve_profile
+
+    return resolve_profile(inputs, settings.get("shapes") or {})
+
+
+def _shape_flags(profile: dict, load: bool) -> str:
+    if not profile:
+        return ""
+    if load:
+        parts = ["--shapes=" + ",".join(f"{n}:{_fmt(v[1])}" for n, v in sorted(profile.items()))]
+    else:
+        parts = [f"{flag}=" + ",".join(f"{n}:{_fmt(v[i])}" for n, v in sorted(profile.items()))
+                 for flag, i in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2))]
     return "".join(" " + shlex.quote(p) for p in parts)
 
 
-def write_trtexec(outdir: Path, settings: dict, ctx, *, quantized: bool | None = None) -> str:
-    """trtexec.sh: build (--stronglyTyped for Q/DQ graphs, else --fp16) and benchmark command lines."""
-    outdir = Path(outdir)
-    if quantized is None:
-        quantized = is_quantized(onnx.load(str(outdir / "model.onnx"), load_external_data=False))
+def trtexec_precision(settings: dict, quantized: bool) -> tuple[str, str]:
+    """(flags, note): --stronglyTyped for a Q/DQ graph on the GPU; FP16 (+INT8 from the Q/DQ scales) for DLA,
+    as trtexec itself sets FP16 for every DLA build and a strongly typed network rejects it."""
     typing = settings.get("typing", "auto")
-    strong = typing == "strong" or (typing == "auto" and quantized)
-    precision = "--stronglyTyped" if strong else ("--fp16 --int8" if quantized else "--fp16")
+    if settings.get("dla_core") is not None:
+        return ("--fp16 --int8", "DLA: FP16 + INT8 from the Q/DQ scales") if quantized else ("--fp16", "DLA: FP16")
+    if typing == "strong" or (typing == "auto" and quantized):
+        return "--stronglyTyped", "strongly typed, precisions from the Q/DQ graph"
+    return ("--fp16 --int8", "weakly typed FP16 + INT8 from Q/DQ") if quantized else ("--fp16", "weakly typed FP16")
+
+
+def write_trtexec(outdir: Path, settings: dict, ctx, *, quantized: bool | None = None, model=None) -> str:
+    """trtexec.sh: build (compiled + baseline) and benchmark command lines; see trtexec_precision/trtexec_profile."""
+    outdir = Path(outdir)
+    if model is None:
+        model = onnx.load(str(outdir / "model.onnx"), load_external_data=False)
+    if quantized is None:
+        quantized = is_quantized(model)
+    precision, note = trtexec_precision(settings, quantized)
+    profile = trtexec_profile(settings, model_inputs(model))
     dla = settings.get("dla_core")
-    dla_flags = ""
-    dla_load = ""
+    dla_flags = dla_load = ""
     if dla is not None:
         dla_flags = f" --useDLACore={int(dla)}" + (" --allowGPUFallback" if settings.get("gpu_fallback", True) else "")
         dla_load = f" --useDLACore={int(dla)}"
     text = string.Template((TEMPLATES / "trtexec.sh.in").read_text()).substitute(
-        model=ctx.model_name, precision=precision, workspace_mb=int(settings["workspace_mb"]),
-        opt_level=int(settings["opt_level"]), shape_flags=_shape_flags(settings, load=False), dla_flags=dla_flags,
-        bench_shape_flags=_shape_flags(settings, load=True),
+        model=ctx.model_name, precision=precision, precision_note=note, workspace_mb=int(settings["workspace_mb"]),
+        opt_level=int(settings["opt_level"]), shape_flags=_shape_flags(profile, load=False), dla_flags=dla_flags,
+        bench_shape_flags=_shape_flags(profile, load=True),
         dla_load_flags=dla_load, runs=max(int(ctx.runs), 200), warmup_ms=500)
     _write_text(outdir / "trtexec.sh", text, 0o755)
     return "trtexec.sh"
 
 
-def build_args(settings: dict) -> str:
+def build_argv(settings: dict) -> list[str]:
+    """build_engine.py arguments for these settings (bench.py --build passes the same ones)."""
     args = []
     if settings.get("dla_core") is not None:
         args += ["--dla-core", str(settings["dla_core"])]
         if not settings.get("gpu_fallback", True):
             args.append("--no-gpu-fallback")
     for name, (mn, opt, mx) in sorted((settings.get("shapes") or {}).items()):
-        fmt = lambda d: "x".join(str(x) for x in d)  # noqa: E731
-        args += ["--shape", f"{name}={fmt(mn)}" if mn == opt == mx else f"{name}={fmt(mn)},{fmt(opt)},{fmt(mx)}"]
+        args += ["--shape", f"{name}={_fmt(mn)}" if mn == opt == mx else f"{name}={_fmt(mn)},{_fmt(opt)},{_fmt(mx)}"]
     if settings.get("typing", "auto") != "auto":
         args += ["--typing", settings["typing"]]
-    return "".join(" " + shlex.quote(a) for a in args)
+    if settings.get("workspace_mb") not in (None, 1024):
+        args += ["--workspace-mb", str(int(settings["workspace_mb"]))]
+    if settings.get("opt_level") not in (None, 3):
+        args += ["--opt-level", str(int(settings["opt_level"]))]
+    return args
+
+
+def build_args(settings: dict) -> str:
+    return "".join(" " + shlex.quote(a) for a in build_argv(settings))
 
 
 def write_readme(outdir: Path, ctx, settings: dict, *, samples: int, quantized: bool, edgec_version: str) -> str:
+    if settings.get("dla_core") is not None:
+        note = ("explicit Q/DQ; DLA build: FP16 + INT8 from the Q/DQ scales, GPU fallback" if quantized
+                else "no Q/DQ; DLA build: FP16, GPU fallback")
+    else:
+        note = "explicit Q/DQ, built strongly typed" if quantized else "no Q/DQ: built weakly typed with FP16"
     text = string.Template((TEMPLATES / "README.md.in").read_text()).substitute(
         model=ctx.model_name, edgec_version=edgec_version, recipe=getattr(ctx.recipe, "name", str(ctx.recipe)),
         jetpack=TARGETED["jetpack"], tensorrt=TARGETED["tensorrt"], samples=samples,
-        precision_note="explicit Q/DQ, built strongly typed" if quantized else "no Q/DQ: built weakly typed with FP16",
-        build_args=build_args(settings))
+        precision_note=note, build_args=build_args(settings))
     _write_text(outdir / "README.md", text)
     return "README.md"
 
@@ -166,7 +214,13 @@ def file_hashes(outdir: Path) -> dict[str, str]:
 
 def manifest_fields(ctx, settings: dict, *, samples: int, quantized: bool, rules: dict) -> dict:
     """Bundle-specific manifest fields (merged into edgec's manifest.json by compile)."""
-    return {"bundle": "jetson", "targets": dict(TARGETED), "precision": "explicit-qdq-strongly-typed" if quantized else "fp16-weakly-typed",
+    if settings.get("dla_core") is not None:
+        precision = "dla-fp16-int8-from-qdq" if quantized else "dla-fp16"
+    else:
+        precision = "explicit-qdq-strongly-typed" if quantized else "fp16-weakly-typed"
+    return {"bundle": "jetson", "targets": dict(TARGETED), "precision": precision,
+            "build_argv": build_argv(settings), "baseline": {"onnx": "baseline.onnx", "engine": "baseline.engine",
+                                                            "precision": "fp16 (weakly typed), the original graph"},
             "engine_build_settings": {"workspace_mb": settings["workspace_mb"], "opt_level": settings["opt_level"],
                                       "dla_core": settings["dla_core"], "gpu_fallback": settings["gpu_fallback"],
                                       "typing": settings["typing"], "shapes": build_args({"shapes": settings["shapes"]}).strip()},
@@ -176,7 +230,8 @@ def manifest_fields(ctx, settings: dict, *, samples: int, quantized: bool, rules
 
 
 def device_commands(settings: dict) -> list[str]:
-    return ["sudo nvpmodel -m 0 && sudo jetson_clocks", "python3 build_engine.py" + build_args(settings), "sudo python3 bench.py"]
+    return ["sudo nvpmodel -m <MAXN mode of your module, see README.md> && sudo jetson_clocks",
+            "python3 build_engine.py" + build_args(settings), "sudo python3 bench.py"]
 
 
 def write_manifest(outdir: Path, base: dict) -> dict:

@@ -1,16 +1,19 @@
 """TensorRT 10.x target: rule check on CPU, then (where tensorrt and a CUDA GPU exist) a strongly typed engine.
 
 build(): runs the explicit-quantization rule checker (targets/tensorrt/rules.py) first and stops on the first
-broken rule, naming the node; writes model.onnx, rules.json and trtexec.sh; then builds model.engine with
+broken rule, naming the node; writes model.onnx, baseline.onnx (the original FP32 graph), rules.json and
+trtexec.sh; then builds model.engine and the baseline engine (FP16 from baseline.onnx, same settings) with
 targets/tensorrt/builder.py when this host has TensorRT 10.x and a GPU, else records in one log line that
 the engine build is deferred (an engine is tied to its GPU and TensorRT version; see target `jetson`).
-bench(): runs the engine (targets/tensorrt/runner.py): CUDA-event latency (median/p90/p99 over >= 200 runs
-after warm-up), device memory + engine bytes, and fidelity against the FP32 reference on the held-out split.
+bench(): runs both engines (targets/tensorrt/runner.py run_engines): fidelity of each against the FP32
+reference on the held-out split, then CUDA-event latency (median/p90/p99 over >= 200 runs after warm-up)
+timed interleaved in one run, the speedup as the ratio of medians, device memory + engine bytes.
 Without tensorrt or a GPU it returns {"skipped": reason}; nothing is estimated or simulated.
 
 Options come from BuildContext.extra: dla_core (int), gpu_fallback (bool), workspace_mb (int),
 builder_opt_level (0..5), typing ("auto" | "strong" | "weak-fp16"), shapes ({input: "1x3x224x224" or
-"MIN,OPT,MAX"}), reference_samples (int, default 64).
+"MIN,OPT,MAX"}), reference_samples (int, default 64), device (rule checker's device: "orin", "sm_89", ...;
+default: any GPU).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 NAME = "tensorrt"
 DIALECT = TENSORRT
 ENGINE = "model.engine"
+BASELINE_ONNX = "baseline.onnx"
+BASELINE_ENGINE = "baseline.engine"
 TIMING_CACHE = "model.timing.cache"
 DEFAULT_REFERENCE_SAMPLES = 64
 
@@ -76,11 +81,11 @@ def host_status() -> tuple[bool, str]:
     return gpu_status()
 
 
-def check_rules(model: onnx.ModelProto, outdir: Path | None = None) -> dict:
+def check_rules(model: onnx.ModelProto, outdir: Path | None = None, device: str | None = None) -> dict:
     """The rule checker, first: raises EdgecError naming the node on any broken rule; writes rules.json."""
     from edgec.targets.tensorrt.rules import check_graph
 
-    rep = check_graph(model)
+    rep = check_graph(model, device=device)
     log.info("TensorRT rule check: %d error(s), %d warning(s)", len(rep.errors), len(rep.warnings))
     for f in rep.warnings[:10]:
         log.warning("TensorRT rule warning: %s", f.line())
@@ -98,32 +103,50 @@ def precheck(model: onnx.ModelProto) -> dict:
 
 
 def engine_build(outdir: Path, settings: dict) -> dict:
-    """Build outdir/model.engine from outdir/model.onnx (needs tensorrt + GPU)."""
+    """Build outdir/model.engine from outdir/model.onnx, and outdir/baseline.engine from baseline.onnx when
+    it is there (FP16, same settings); needs tensorrt + GPU. Returns the compiled engine's summary, with the
+    baseline's under "baseline"."""
     from edgec.targets.tensorrt import builder as B
 
     opts = B.BuildOptions(onnx_path=str(outdir / "model.onnx"), engine_path=str(outdir / ENGINE),
                           timing_cache=str(outdir / TIMING_CACHE), **settings)
     try:
-        return B.build_engine(opts)
+        summary = B.build_engine(opts)
+        if (outdir / BASELINE_ONNX).exists():
+            summary["baseline"] = B.build_engine(B.baseline_options(opts, str(outdir / BASELINE_ONNX),
+                                                                    str(outdir / BASELINE_ENGINE)))
+        return summary
     except B.BuildError as e:
         raise EdgecError(str(e)) from None
 
 
+def write_baseline(outdir: Path, ctx: BuildContext) -> str | None:
+    """baseline.onnx: the original FP32 graph (ctx.reference_model), the source of the FP16 baseline engine."""
+    if ctx.reference_model is None:
+        return None
+    save_onnx(ctx.reference_model, Path(outdir) / BASELINE_ONNX)
+    return BASELINE_ONNX
+
+
 def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
     outdir = Path(outdir)
-    rules = check_rules(model, outdir)
+    rules = check_rules(model, outdir, device=_opt(ctx, "device"))
     settings = build_settings(ctx)
     if not (outdir / "model.onnx").exists():
         save_onnx(model, outdir / "model.onnx")
     from edgec.targets.jetson.bundle import write_trtexec
 
-    write_trtexec(outdir, settings, ctx)
+    write_trtexec(outdir, settings, ctx, model=model)
     artifacts = ["model.onnx", "rules.json", "trtexec.sh"]
+    base = write_baseline(outdir, ctx)
+    artifacts += [base] if base else []
     ok, why = host_status()
     result = {"rules": rules, "settings": _jsonable_settings(settings), "host": why}
     if ok:
         summary = engine_build(outdir, settings)
         artifacts += [ENGINE, TIMING_CACHE, "model.build.json"]
+        if "baseline" in summary:
+            artifacts += [BASELINE_ENGINE, "baseline.build.json"]
         result.update(engine=summary, deferred=False)
     else:
         log.info("TensorRT engine build skipped on this host (%s); model.onnx and trtexec.sh are in %s", why, outdir)
@@ -157,6 +180,7 @@ def reference_samples(ctx: BuildContext, limit: int | None = None) -> tuple[list
 
 
 def bench(outdir: Path, ctx: BuildContext) -> dict:
+    """Baseline (FP16 original) and compiled engine, interleaved in one run; fidelity of both."""
     outdir = Path(outdir)
     ok, why = host_status()
     if not ok:
@@ -164,14 +188,27 @@ def bench(outdir: Path, ctx: BuildContext) -> dict:
     engine = outdir / ENGINE
     if not engine.exists():
         return {"skipped": f"no {ENGINE} in {outdir} (engine build deferred)"}
-    from edgec.targets.tensorrt.runner import make_report, run_engine
+    from edgec.targets.tensorrt.runner import make_report, run_engines
 
     feeds, refs, names = reference_samples(ctx)
     labels = None
     if ctx.eval_split.labels is not None:
         labels = [np.asarray([ctx.eval_split.labels[i]]) for i in range(len(feeds))]
-    res = run_engine(str(engine), feeds, ref_outputs=refs, output_names=names, labels=labels,
-                     warmup=max(ctx.warmup, 20), runs=max(ctx.runs, 200))
-    return make_report(model=ctx.model_name, target=NAME, latency_ms=res["latency_ms"], memory=res["memory"],
-                       fidelity_result=res["fidelity"], environment={"device": res["device"], "host": why},
-                       comparable=False, comparable_reason="host GPU; clocks not locked or checked by edgec")
+    engines = {"compiled": str(engine)}
+    if (outdir / BASELINE_ENGINE).exists():
+        engines = {"baseline_fp16": str(outdir / BASELINE_ENGINE), **engines}
+    res = run_engines(engines, feeds, ref_outputs=refs, output_names=names, labels=labels,
+                      warmup=max(ctx.warmup, 20), runs=max(ctx.runs, 200))
+    comp = res["engines"]["compiled"]
+    extra = {}
+    if "baseline_fp16" in res["engines"]:
+        b = res["engines"]["baseline_fp16"]
+        extra = {"baseline": {"engine": BASELINE_ENGINE, "latency_ms": b["latency_ms"], "memory": b["memory"],
+                              "fidelity": b["fidelity"]},
+                 "speedup_vs_baseline_fp16": comp["latency_ms"]["speedup_vs_baseline_fp16"]}
+    else:
+        extra = {"baseline": {"skipped": f"no {BASELINE_ENGINE} in {outdir}"}}
+    return make_report(model=ctx.model_name, target=NAME, latency_ms=comp["latency_ms"], memory=comp["memory"],
+                       fidelity_result=comp["fidelity"], environment={"device": res["device"], "host": why},
+                       comparable=False, comparable_reason="host GPU; clocks not locked or checked by edgec",
+                       extra=extra)

@@ -4,13 +4,20 @@
 This file is copied verbatim into the Jetson bundle as build_engine.py, so it imports nothing from edgec
 and runs on the Python 3.8+ that JetPack ships.
 
-Network: strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED) whenever the graph holds Q/DQ
+Network (GPU): strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED) whenever the graph holds Q/DQ
 layers: precisions then come from the graph (explicit quantization), never from builder flags. A graph
 without Q/DQ is rebuilt weakly typed with the FP16 flag, and says so in one log line.
+Network (DLA): built the way trtexec builds for --useDLACore: weakly typed with FP16 and
+PREFER_PRECISION_CONSTRAINTS, plus INT8 when the graph has Q/DQ (the int8 scales are the graph's Q/DQ scales),
+GPU_FALLBACK unless disabled, static shapes only. The DLA on Orin runs FP16 or INT8 only, and a strongly typed
+network rejects those builder flags, so a strongly typed DLA build cannot work (--typing strong is refused).
 Config: WORKSPACE memory-pool limit, builder_optimization_level, a timing cache loaded from and saved to
-<engine>.timing.cache, one optimization profile (min/opt/max) when an input has dynamic dimensions, and
-optionally DLA (default_device_type=DLA, DLA_core, GPU_FALLBACK) with a list of the layers that cannot run
-on the DLA and fall back to the GPU. DLA builds require static shapes.
+<engine>.timing.cache (a cache from another TensorRT version or GPU is discarded and a fresh one started),
+one optimization profile (min/opt/max) when an input has dynamic dimensions, and for DLA the layers that
+cannot run on the DLA and fall back to the GPU (listed in <engine>.build.json).
+Baseline: when baseline.onnx (the original FP32 graph) sits next to the model, the same run also builds
+baseline.engine from it, weakly typed FP16 with the same shapes/DLA/workspace settings, so bench.py can time
+the compiled engine against it in one run (--no-baseline skips it).
 Versions: TensorRT >= 10 and < 11 only (11 removed the precision flags and calibrators).
 
     python3 build_engine.py --onnx model.onnx --engine model.engine [--dla-core 0] [--shape input=1x3x224x224]
@@ -158,6 +165,11 @@ class BuildOptions:
             raise BuildError("workspace must be positive (MiB)")
         if dla_core is not None and int(dla_core) < 0:
             raise BuildError("DLA core must be >= 0")
+        if dla_core is not None and typing == "strong":
+            raise BuildError("a DLA build cannot be strongly typed: the DLA runs FP16/INT8 only and a strongly "
+                             "typed network rejects those builder flags (use --typing auto)")
+        if dla_core is not None and any(tuple(mn) != tuple(mx) for mn, _, mx in (shapes or {}).values()):
+            raise BuildError("DLA builds need static shapes: give --shape name=DIMS (one shape) for every input")
         self.onnx_path = str(onnx_path)
         self.engine_path = str(engine_path)
         self.timing_cache = str(timing_cache) if timing_cache else default_timing_cache(self.engine_path)
@@ -214,16 +226,28 @@ def _dla_fallbacks(config, network):
 
 
 def _load_timing_cache(config, path):
+    """Load <path> into the config; a cache TensorRT will not take (another version or GPU: create fails,
+    returns None, or set reports a mismatch) is discarded for a fresh one. Returns (loaded bytes, note)."""
     data = b""
     if path and os.path.isfile(path):
         with open(path, "rb") as f:
             data = f.read()
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.info("timing cache %s was made for another device or version: starting a fresh one", path)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-        return 0
-    return len(data)
+    why = None
+    try:
+        cache = config.create_timing_cache(data)
+        if cache is None:
+            why = "TensorRT could not read it"
+        elif not config.set_timing_cache(cache, ignore_mismatch=False):
+            why = "it was made for another device or TensorRT version"
+    except Exception as e:  # TensorRT raises on a corrupt or foreign cache
+        why = "TensorRT could not read it (%s)" % str(e).strip().splitlines()[0][:160] if str(e).strip() else "TensorRT could not read it"
+    if why is None:
+        return len(data), None
+    log.warning("timing cache %s discarded: %s; starting a fresh one", path, why)
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise BuildError("TensorRT could not create an empty timing cache")
+    return 0, "discarded: " + why
 
 
 def _atomic_write_bytes(path, data):
@@ -235,6 +259,51 @@ def _atomic_write_bytes(path, data):
     os.replace(tmp, path)
 
 
+def _precision(trt, config, opts, strongly_typed, qdq):
+    """Builder precision flags: none on a strongly typed network; FP16 (+INT8 for Q/DQ) otherwise; DLA as trtexec."""
+    if strongly_typed:
+        return "explicit Q/DQ (strongly typed)" if qdq else "graph types (strongly typed)"
+    config.set_flag(trt.BuilderFlag.FP16)
+    if qdq:
+        config.set_flag(trt.BuilderFlag.INT8)  # weakly typed Q/DQ: int8 where the graph's Q/DQ scales say so
+    if opts.dla_core is not None:
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        return "DLA fp16 + int8 from Q/DQ scales (weakly typed)" if qdq else "DLA fp16 (weakly typed)"
+    return "fp16 + int8 from Q/DQ (weakly typed)" if qdq else "fp16 (weakly typed)"
+
+
+def _setup_dla(trt, builder, config, network, opts, profile_shapes):
+    if profile_shapes and not is_static_profile(profile_shapes):
+        raise BuildError("DLA builds need static shapes: give --shape name=DIMS (one shape) for every input")
+    n_dla = builder.num_DLA_cores
+    if opts.dla_core >= n_dla:
+        hint = ""
+        if check_version(trt.__version__) > (10, 7):
+            hint = " (TensorRT 10.7 was the last 10.x release with DLA support; JetPack 6 ships 10.3)"
+        raise BuildError("DLA core %d requested, this device has %d DLA core(s)%s" % (opts.dla_core, n_dla, hint))
+    config.default_device_type = trt.DeviceType.DLA
+    config.DLA_core = opts.dla_core
+    if opts.gpu_fallback:
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    fallbacks = _dla_fallbacks(config, network)
+    if fallbacks and not opts.gpu_fallback:
+        raise BuildError("%d layer(s) cannot run on the DLA (first: %s) and GPU fallback is off"
+                         % (len(fallbacks), fallbacks[0]["layer"]))
+    log.info("DLA core %d: %d of %d layers fall back to the GPU", opts.dla_core, len(fallbacks), network.num_layers)
+    return {"core": opts.dla_core, "gpu_fallback": opts.gpu_fallback, "gpu_fallback_layers": fallbacks,
+            "layers": network.num_layers}
+
+
+def _make_builder(trt, logger):
+    try:
+        builder = trt.Builder(logger)
+    except Exception as e:  # TensorRT raises when no CUDA device or driver is usable
+        raise BuildError("TensorRT could not create a builder (no CUDA GPU or driver?): %s" % str(e).strip()[:200])
+    if builder is None:
+        raise BuildError("TensorRT could not create a builder (no CUDA GPU or driver?)")
+    return builder
+
+
 def build_engine(opts):
     """Build and serialize the engine; return a JSON-serializable summary (also written to <engine>.build.json)."""
     trt = import_tensorrt()
@@ -242,17 +311,11 @@ def build_engine(opts):
         raise BuildError("ONNX file %s does not exist" % opts.onnx_path)
     logger = trt.Logger(trt.Logger.VERBOSE if opts.verbose else trt.Logger.WARNING)
     t0 = time.perf_counter()
-    try:
-        builder = trt.Builder(logger)
-    except Exception as e:  # TensorRT raises when no CUDA device or driver is usable
-        raise BuildError("TensorRT could not create a builder (no CUDA GPU or driver?): %s" % str(e).strip()[:200])
-    if builder is None:
-        raise BuildError("TensorRT could not create a builder (no CUDA GPU or driver?)")
-
-    strongly_typed = opts.typing != "weak-fp16"
+    builder = _make_builder(trt, logger)
+    strongly_typed = opts.typing == "strong" or (opts.typing == "auto" and opts.dla_core is None)
     network, parser = _parse(trt, builder, logger, opts.onnx_path, strongly_typed)
     qdq = _count_qdq(trt, network)
-    if opts.typing == "auto" and qdq == 0:
+    if opts.typing == "auto" and strongly_typed and qdq == 0:
         log.info("no Q/DQ layers in %s: building weakly typed with FP16 enabled (not strongly typed)",
                  os.path.basename(opts.onnx_path))
         strongly_typed = False
@@ -263,41 +326,16 @@ def build_engine(opts):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     config.builder_optimization_level = opts.opt_level
-    if not strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)
-        if qdq:
-            config.set_flag(trt.BuilderFlag.INT8)  # weakly typed Q/DQ (only with --typing weak-fp16)
-
+    precision = _precision(trt, config, opts, strongly_typed, qdq)
     profile_shapes = resolve_profile(_network_io(network), opts.shapes)
     if profile_shapes:
         profile = builder.create_optimization_profile()
         for name, (mn, opt, mx) in profile_shapes.items():
             profile.set_shape(name, mn, opt, mx)
         config.add_optimization_profile(profile)
+    dla = _setup_dla(trt, builder, config, network, opts, profile_shapes) if opts.dla_core is not None else None
 
-    dla = None
-    if opts.dla_core is not None:
-        if profile_shapes and not is_static_profile(profile_shapes):
-            raise BuildError("DLA builds need static shapes: give --shape name=DIMS (one shape) for every input")
-        n_dla = getattr(builder, "num_DLA_cores", 0)
-        if opts.dla_core >= n_dla:
-            hint = ""
-            if check_version(trt.__version__) > (10, 7):
-                hint = " (TensorRT 10.7 was the last 10.x release with DLA support; JetPack 6 ships 10.3)"
-            raise BuildError("DLA core %d requested, this device has %d DLA core(s)%s" % (opts.dla_core, n_dla, hint))
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = opts.dla_core
-        if opts.gpu_fallback:
-            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-        fallbacks = _dla_fallbacks(config, network)
-        if fallbacks and not opts.gpu_fallback:
-            raise BuildError("%d layer(s) cannot run on the DLA (first: %s) and GPU fallback is off"
-                             % (len(fallbacks), fallbacks[0]["layer"]))
-        dla = {"core": opts.dla_core, "gpu_fallback": opts.gpu_fallback, "gpu_fallback_layers": fallbacks,
-               "layers": network.num_layers}
-        log.info("DLA core %d: %d of %d layers fall back to the GPU", opts.dla_core, len(fallbacks), network.num_layers)
-
-    cache_in = _load_timing_cache(config, opts.timing_cache)
+    cache_in, cache_note = _load_timing_cache(config, opts.timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError("TensorRT failed to build the engine (see the TensorRT log above)")
@@ -309,23 +347,26 @@ def build_engine(opts):
     _atomic_write_bytes(opts.timing_cache, cache_out)
 
     summary = {
-        "tensorrt_version": trt.__version__,
-        "engine": os.path.basename(opts.engine_path),
-        "engine_bytes": len(data),
-        "build_seconds": round(time.perf_counter() - t0, 3),
-        "strongly_typed": strongly_typed,
-        "precision": "explicit Q/DQ (strongly typed)" if strongly_typed and qdq else ("fp16 (weakly typed)" if not strongly_typed else "graph types (strongly typed)"),
-        "qdq_layers": qdq,
-        "network_layers": network.num_layers,
+        "tensorrt_version": trt.__version__, "engine": os.path.basename(opts.engine_path),
+        "onnx": os.path.basename(opts.onnx_path), "engine_bytes": len(data),
+        "build_seconds": round(time.perf_counter() - t0, 3), "strongly_typed": strongly_typed,
+        "precision": precision, "qdq_layers": qdq, "network_layers": network.num_layers,
         "optimization_profile": {k: [list(s) for s in v] for k, v in profile_shapes.items()},
-        "timing_cache": {"path": os.path.basename(opts.timing_cache), "loaded_bytes": cache_in, "saved_bytes": len(cache_out)},
-        "dla": dla,
-        "options": opts.as_dict(),
+        "timing_cache": {"path": os.path.basename(opts.timing_cache), "loaded_bytes": cache_in,
+                         "saved_bytes": len(cache_out), "note": cache_note},
+        "dla": dla, "options": opts.as_dict(),
     }
     _atomic_write_bytes(os.path.splitext(opts.engine_path)[0] + ".build.json",
                         (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     log.info("built %s (%d bytes) in %.1fs", opts.engine_path, len(data), summary["build_seconds"])
     return summary
+
+
+def baseline_options(opts, onnx_path, engine_path):
+    """The baseline engine's options: the original graph, weakly typed FP16, same shapes/DLA/workspace/cache."""
+    return BuildOptions(onnx_path=onnx_path, engine_path=engine_path, timing_cache=opts.timing_cache,
+                        workspace_mb=opts.workspace_mb, opt_level=opts.opt_level, dla_core=opts.dla_core,
+                        gpu_fallback=opts.gpu_fallback, typing="weak-fp16", shapes=opts.shapes, verbose=opts.verbose)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -342,6 +383,10 @@ def make_parser():
     p.add_argument("--typing", choices=("auto", "strong", "weak-fp16"), default="auto",
                    help="auto: strongly typed if the graph has Q/DQ, else weakly typed FP16")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS[,OPT,MAX]")
+    p.add_argument("--baseline-onnx", default=None,
+                   help="original FP32 graph for the baseline engine (default: baseline.onnx next to --onnx, if there)")
+    p.add_argument("--baseline-engine", default=None, help="default: baseline.engine next to --engine")
+    p.add_argument("--no-baseline", action="store_true", help="do not build the FP16 baseline engine")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -353,16 +398,34 @@ def options_from_args(args):
                         gpu_fallback=not args.no_gpu_fallback, typing=args.typing, shapes=shapes, verbose=args.verbose)
 
 
+def baseline_paths(args):
+    """(baseline onnx, baseline engine) to build, or None."""
+    if args.no_baseline:
+        return None
+    onnx_path = args.baseline_onnx or os.path.join(os.path.dirname(os.path.abspath(args.onnx)), "baseline.onnx")
+    if not os.path.isfile(onnx_path):
+        if args.baseline_onnx:
+            raise BuildError("baseline ONNX %s does not exist" % onnx_path)
+        return None
+    engine = args.baseline_engine or os.path.join(os.path.dirname(os.path.abspath(args.engine)), "baseline.engine")
+    return onnx_path, engine
+
+
 def main(argv=None):
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    keys = ("engine", "engine_bytes", "build_seconds", "precision", "tensorrt_version")
     try:
-        summary = build_engine(options_from_args(args))
+        opts = options_from_args(args)
+        base = baseline_paths(args)
+        summary = build_engine(opts)
+        sys.stdout.write(json.dumps({k: summary[k] for k in keys}) + "\n")
+        if base is not None:
+            b = build_engine(baseline_options(opts, base[0], base[1]))
+            sys.stdout.write(json.dumps(dict({k: b[k] for k in keys}, role="baseline")) + "\n")
     except BuildError as e:
         sys.stderr.write("build_engine: %s\n" % e)
         return 2
-    sys.stdout.write(json.dumps({k: summary[k] for k in ("engine", "engine_bytes", "build_seconds", "precision",
-                                                          "tensorrt_version")}) + "\n")
     return 0
 
 

@@ -13,6 +13,18 @@ A graph passes when every rule below holds; each finding names the node (or tens
                    complex, string); double warns (the parser casts it down to float)
   channel-align    (warning) Conv/Gemm/MatMul input and output channel counts that are not multiples of 8
                    miss the int8/fp16 Tensor Core layouts (depthwise Conv and image-stem input channels exempt)
+  qdq-axis         a per-channel Q/DQ states its `axis`: without it ONNX means axis 1, while TensorRT's ONNX
+                   parser assumes axis 0 (the two disagree silently)
+  qdq-scale-count  a per-channel scale has exactly as many elements as the input's size along `axis`
+  qdq-scale-dtype  at opset >= 19, a QuantizeLinear's scale has its input's float type (and a Q -> DQ pair's
+                   DQ scale the same type); a mismatch fails in a strongly typed network
+  qdq-opset        per-channel Q/DQ (`axis`) needs opset >= 13; block-wise (`block_size`) opset >= 21
+  int4-shape       an int4 weight has an even last dimension (two int4 values per byte)
+  uint8-io         uint8 tensors only at network inputs and outputs (TensorRT has no uint8 compute)
+  device-precision precisions the target GPU has: FP8 needs SM >= 8.9 (Jetson Orin is SM 8.7: none), BF16
+                   needs SM >= 8.0; without a device, FP8 warns
+
+Constants: initializers, Constant nodes, and Constant/initializer -> Cast/Identity chains (TensorRT folds them).
 
 `check_graph(model)` returns a `RuleReport`; `report.raise_for_errors()` raises one EdgecError line naming
 the first failing rule and node.
@@ -40,7 +52,11 @@ SUPPORTED_DTYPES = {_T.FLOAT, _T.FLOAT16, _T.BFLOAT16, _T.INT32, _T.INT64, _T.IN
                     _T.INT4, _T.FLOAT8E4M3FN}
 WARN_DTYPES = {_T.DOUBLE}
 QUANT_DTYPES = {_T.INT8, _T.INT4, _T.FLOAT8E4M3FN}
-RULES = ("qdq-zero-point", "qdq-per-channel", "int4-weight-only", "opset", "dtype", "channel-align")
+RULES = ("qdq-zero-point", "qdq-per-channel", "int4-weight-only", "opset", "dtype", "channel-align", "qdq-axis",
+         "qdq-scale-count", "qdq-scale-dtype", "qdq-opset", "int4-shape", "uint8-io", "device-precision")
+# Compute capability of the devices the checker knows by name ("sm_89" style names work too).
+DEVICES = {"orin": (8, 7), "xavier": (7, 2), "ampere": (8, 0), "ada": (8, 9), "hopper": (9, 0)}
+FP8_MIN_SM, BF16_MIN_SM = (8, 9), (8, 0)
 
 
 def _dtype_name(t: int) -> str:
@@ -99,11 +115,16 @@ class _Graph:
         self.model = model
         g = model.graph
         self.consts: dict[str, TensorProto] = {t.name: t for t in g.initializer}
-        for n in g.node:
+        for n in g.node:  # topological order: a Cast/Identity of a constant is a constant (TensorRT folds it)
             if n.op_type == "Constant" and n.output:
-                for a in n.attribute:
-                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                        self.consts[n.output[0]] = a.t
+                t = _constant_value(n)
+                if t is not None:
+                    self.consts[n.output[0]] = t
+            elif n.op_type in ("Cast", "Identity") and n.input and n.input[0] in self.consts and n.output:
+                t = _fold(n, self.consts[n.input[0]])
+                if t is not None:
+                    self.consts[n.output[0]] = t
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.producer = {o: n for n in g.node for o in n.output}
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
         for n in g.node:
@@ -112,9 +133,18 @@ class _Graph:
                     self.consumers[x].append((n, i))
         self.graph_inputs = {i.name for i in g.input} - set(self.consts)
         self.types: dict[str, int] = {}
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
+        self.shapes: dict[str, tuple] = {}
+        try:
+            vis = onnx.shape_inference.infer_shapes(model).graph
+        except Exception:  # noqa: BLE001 -- shapes are a help here, not a requirement
+            vis = g
+        for vi in list(g.input) + list(g.output) + list(g.value_info) + list(vis.value_info):
             if vi.type.HasField("tensor_type"):
-                self.types[vi.name] = vi.type.tensor_type.elem_type
+                self.types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+                if vi.type.tensor_type.HasField("shape"):
+                    self.shapes.setdefault(vi.name, tuple(d.dim_value if d.HasField("dim_value") else None
+                                                          for d in vi.type.tensor_type.shape.dim))
+        self.io = {i.name for i in g.input} | {o.name for o in g.output}
         for name, t in self.consts.items():
             self.types[name] = t.data_type
 
@@ -124,6 +154,28 @@ class _Graph:
 
     def is_const(self, name: str) -> bool:
         return name in self.consts
+
+
+def _constant_value(n: onnx.NodeProto) -> TensorProto | None:
+    for a in n.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return a.t
+        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            v = onnx.helper.get_attribute_value(a)
+            dt = np.float32 if a.name.startswith("value_float") else np.int64
+            return numpy_helper.from_array(np.asarray(v, dt), n.output[0])
+    return None
+
+
+def _fold(n: onnx.NodeProto, t: TensorProto) -> TensorProto | None:
+    if n.op_type == "Identity":
+        return t
+    to = _attr(n, "to", None)
+    try:
+        arr = numpy_helper.to_array(t).astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        return numpy_helper.from_array(arr, n.output[0])
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _node_name(n: onnx.NodeProto, idx: int) -> str:
@@ -218,6 +270,12 @@ def _check_qdq(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
             rep.findings.append(Finding("qdq-per-channel", "error", name,
                                         f"{kind} quantization of activation '{x}': only constant weights may be per-channel"))
     # --- int4 weight-only on Gemm/MatMul ---
+    if qd == TensorProto.INT4 and g.is_const(n.input[0]):
+        rep.checked["int4-shape"] += 1
+        dims = tuple(g.consts[n.input[0]].dims)
+        if dims and dims[-1] % 2:
+            rep.findings.append(Finding("int4-shape", "error", name,
+                                        f"int4 weight '{n.input[0]}' has shape {list(dims)}: the last dimension must be even"))
     if qd == TensorProto.INT4 or blocked:
         rep.checked["int4-weight-only"] += 1
         if qd != TensorProto.INT4:
@@ -239,6 +297,93 @@ def _check_qdq(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
             elif slot != 1:
                 rep.findings.append(Finding("int4-weight-only", "error", name,
                                             f"int4 tensor is input {slot} of {c.op_type} '{c.name}': only the weight (input 1) may be int4"))
+
+
+def _check_qdq_axis(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
+    """qdq-axis, qdq-scale-count, qdq-opset and qdq-scale-dtype for one Q/DQ node."""
+    name = _node_name(n, idx)
+    s = g.const(n.input[1])
+    blocked = bool(_attr(n, "block_size", 0))
+    per_channel = s is not None and s.size > 1 and not blocked
+    if per_channel or blocked:
+        rep.checked["qdq-opset"] += 1
+        need = 21 if blocked else 13
+        if g.opset < need:
+            rep.findings.append(Finding("qdq-opset", "error", name,
+                                        f"{'block-wise' if blocked else 'per-channel'} Q/DQ needs opset >= {need}, the model has {g.opset}"))
+    if per_channel:
+        rep.checked["qdq-axis"] += 1
+        axis = _attr(n, "axis", None)
+        if axis is None:
+            rep.findings.append(Finding("qdq-axis", "error", name,
+                                        f"per-channel scale ({s.size} values) without an `axis` attribute: ONNX means "
+                                        "axis 1, TensorRT's parser assumes axis 0; set axis explicitly"))
+        x = n.input[0]
+        shape = tuple(g.consts[x].dims) if g.is_const(x) else g.shapes.get(x)
+        rep.checked["qdq-scale-count"] += 1
+        a = 1 if axis is None else int(axis)
+        if shape and -len(shape) <= a < len(shape) and shape[a] is not None and shape[a] > 0 and shape[a] != s.size:
+            rep.findings.append(Finding("qdq-scale-count", "error", name,
+                                        f"{s.size} scales for axis {a} of '{x}', which has size {shape[a]}"))
+    if g.opset >= 19 and n.op_type == "QuantizeLinear":
+        rep.checked["qdq-scale-dtype"] += 1
+        tx, ts = g.types.get(n.input[0]), g.types.get(n.input[1])
+        if tx and ts and tx != ts:
+            rep.findings.append(Finding("qdq-scale-dtype", "error", name,
+                                        f"scale is {_dtype_name(ts)}, input '{n.input[0]}' is {_dtype_name(tx)}: "
+                                        "a strongly typed network needs them equal"))
+        for c, _ in g.consumers.get(n.output[0], []):
+            tc = g.types.get(c.input[1]) if c.op_type == "DequantizeLinear" and len(c.input) > 1 else None
+            if tx and tc and tc != tx:
+                rep.findings.append(Finding("qdq-scale-dtype", "error", _node_name(c, -1),
+                                            f"DequantizeLinear scale is {_dtype_name(tc)}, its QuantizeLinear input "
+                                            f"'{n.input[0]}' is {_dtype_name(tx)}: a strongly typed network needs them equal"))
+
+
+def _check_uint8(g: _Graph, rep: RuleReport) -> None:
+    for name, t in sorted(g.types.items()):
+        if t != TensorProto.UINT8:
+            continue
+        rep.checked["uint8-io"] += 1
+        if name not in g.io:
+            who = g.producer.get(name)
+            rep.findings.append(Finding("uint8-io", "error", who.name if who is not None and who.name else name,
+                                        f"tensor '{name}' is uint8 inside the network: TensorRT allows uint8 only "
+                                        "at network inputs and outputs"))
+
+
+def device_sm(device: str | None) -> tuple[int, int] | None:
+    """'orin' -> (8, 7); 'sm_89' / 'sm89' -> (8, 9); None -> None."""
+    if device is None:
+        return None
+    d = str(device).lower()
+    if d in DEVICES:
+        return DEVICES[d]
+    digits = d.replace("sm_", "").replace("sm", "").replace(".", "")
+    if digits.isdigit() and len(digits) >= 2:
+        return int(digits[:-1]), int(digits[-1])
+    from edgec.core.errors import EdgecError
+
+    raise EdgecError(f"unknown TensorRT device '{device}' (known: {', '.join(sorted(DEVICES))}, or sm_XY)")
+
+
+def _check_device(g: _Graph, rep: RuleReport, device: str | None) -> None:
+    sm = device_sm(device)
+    where = f"{device} (SM {sm[0]}.{sm[1]})" if sm else "any GPU"
+    for name, t in sorted(g.types.items()):
+        need = FP8_MIN_SM if t in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2) else (
+            BF16_MIN_SM if t == TensorProto.BFLOAT16 else None)
+        if need is None:
+            continue
+        rep.checked["device-precision"] += 1
+        who = g.producer.get(name)
+        node = who.name if who is not None and who.name else name
+        msg = f"tensor '{name}' is {_dtype_name(t)}, which needs SM >= {need[0]}.{need[1]}; target: {where}"
+        if sm is None:
+            if need == FP8_MIN_SM:
+                rep.findings.append(Finding("device-precision", "warning", node, msg + " (Jetson Orin has no FP8)"))
+        elif sm < need:
+            rep.findings.append(Finding("device-precision", "error", node, msg))
 
 
 def _weight_source(g: _Graph, name: str) -> str | None:
@@ -301,15 +446,19 @@ def _check_channels(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> 
                                         f"{what} {c} not a multiple of {ALIGN}: misses int8/fp16 Tensor Core layouts (padded)"))
 
 
-def check_graph(model: onnx.ModelProto) -> RuleReport:
-    """Check every TensorRT explicit-quantization rule; never raises for a rule violation."""
+def check_graph(model: onnx.ModelProto, device: str | None = None) -> RuleReport:
+    """Check every TensorRT explicit-quantization rule (precisions judged for `device`, e.g. "orin");
+    never raises for a rule violation (an unknown device name is the user's error)."""
     rep = RuleReport()
     g = _Graph(model)
     _check_opset(model, rep)
     _check_dtypes(g, rep)
+    _check_uint8(g, rep)
+    _check_device(g, rep, device)
     for i, n in enumerate(model.graph.node):
         if n.op_type in QDQ_OPS and n.domain in ("", "ai.onnx"):
             _check_qdq(g, i, n, rep)
+            _check_qdq_axis(g, i, n, rep)
         _check_channels(g, i, n, rep)
     for f in rep.findings:
         log.debug("tensorrt rules: %s %s", f.severity, f.line())
@@ -324,8 +473,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Check an ONNX graph against the TensorRT explicit-quantization rules.")
     ap.add_argument("model")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON")
+    ap.add_argument("--device", default=None, help="judge precisions for this GPU: orin, ada, sm_89, ...")
     a = ap.parse_args(argv)
-    rep = check_graph(onnx.load(a.model, load_external_data=False))
+    rep = check_graph(onnx.load(a.model, load_external_data=False), device=a.device)
     if a.json:
         print(json.dumps(rep.as_dict(), indent=2))
     else:

@@ -7,6 +7,10 @@ Latency: deserialize, set every I/O tensor address, then `execute_async_v3` on a
 is bracketed by two CUDA events (cudaEventElapsedTime) after `warmup` untimed runs, over `runs` >= 200 runs;
 reported as median / p90 / p99 (linear-interpolated percentiles) in milliseconds. Inputs stay resident on
 the GPU, so the times exclude host<->device copies.
+Baseline: `run_engines` runs a baseline engine (FP16 from the original ONNX) and the compiled engine in one
+process: fidelity of both against the same reference outputs, then timing interleaved in blocks of runs whose
+order alternates (A B, B A, ...), so clock or thermal drift hits both alike; the speedup is the ratio of
+the medians, with the median of the per-block ratios next to it.
 Memory: the execution context's device memory (`device_memory_size_v2`, or `device_memory_size` before
 TensorRT 10.1) plus the serialized engine bytes and the I/O buffers.
 Fidelity: the same formulas as edgec's comparator (pipeline/fidelity.py): per sample,
@@ -306,24 +310,34 @@ class EngineRunner:
             outs.append(arr)
         return outs
 
-    def time(self, feeds, warmup=20, runs=MIN_TIMED_RUNS):
-        """CUDA-event time of each of `runs` executions after `warmup` untimed ones; inputs stay on the GPU."""
-        if runs < MIN_TIMED_RUNS:
-            raise ValueError("need at least %d timed runs, got %d" % (MIN_TIMED_RUNS, runs))
+    def warm(self, feeds, warmup):
         self.set_inputs(feeds)
         for _ in range(max(warmup, 0)):
             self.execute()
         self.cuda.stream_sync(self.stream)
-        start, end = self.cuda.event(), self.cuda.event()
-        times, wall = [], []
-        try:
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                self.cuda.record(start, self.stream)
-                self.execute()
-                self.cuda.record(end, self.stream)
-                times.append(self.cuda.elapsed_ms(start, end))
+
+    def timed_runs(self, n, start, end, wall=None):
+        """n executions, each bracketed by CUDA events on this runner's stream; per-run milliseconds."""
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.cuda.record(start, self.stream)
+            self.execute()
+            self.cuda.record(end, self.stream)
+            times.append(self.cuda.elapsed_ms(start, end))
+            if wall is not None:
                 wall.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    def time(self, feeds, warmup=20, runs=MIN_TIMED_RUNS):
+        """CUDA-event time of each of `runs` executions after `warmup` untimed ones; inputs stay on the GPU."""
+        if runs < MIN_TIMED_RUNS:
+            raise ValueError("need at least %d timed runs, got %d" % (MIN_TIMED_RUNS, runs))
+        self.warm(feeds, warmup)
+        start, end = self.cuda.event(), self.cuda.event()
+        wall = []
+        try:
+            times = self.timed_runs(runs, start, end, wall)
         finally:
             self.cuda.event_destroy(start)
             self.cuda.event_destroy(end)
@@ -358,6 +372,78 @@ def run_engine(engine_path, samples, ref_outputs=None, output_names=None, labels
         except CudaError:
             result["device"] = "unknown"
         return result
+
+
+def time_interleaved(runners, feeds, warmup=20, runs=MIN_TIMED_RUNS, block=10):
+    """Time several engines in one run: blocks of `block` runs each, the order alternating every round.
+
+    runners: {role: EngineRunner} (the first role is the baseline). Returns {role: latency summary} with
+    "speedup_vs_<baseline>" (ratio of medians) and "block_ratio_median" (median of per-round ratios).
+    """
+    if runs < MIN_TIMED_RUNS:
+        raise ValueError("need at least %d timed runs, got %d" % (MIN_TIMED_RUNS, runs))
+    roles = list(runners)
+    for r in roles:
+        runners[r].warm(feeds, warmup)
+    cuda = runners[roles[0]].cuda
+    start, end = cuda.event(), cuda.event()
+    times = {r: [] for r in roles}
+    block_medians = {r: [] for r in roles}
+    try:
+        for i in range((runs + block - 1) // block):
+            n = min(block, runs - i * block)
+            for r in (roles if i % 2 == 0 else roles[::-1]):
+                t = runners[r].timed_runs(n, start, end)
+                times[r] += t
+                block_medians[r].append(float(np.median(t)))
+    finally:
+        cuda.event_destroy(start)
+        cuda.event_destroy(end)
+    base = roles[0]
+    out = {}
+    for r in roles:
+        out[r] = summarize_ms(times[r])
+        out[r]["warmup"] = int(warmup)
+        out[r]["timer"] = "cuda-events around execute_async_v3, interleaved blocks of %d (inputs resident on GPU)" % block
+        if r != base:
+            out[r]["speedup_vs_" + base] = out[base]["median"] / out[r]["median"]
+            ratios = [b / c for b, c in zip(block_medians[base], block_medians[r]) if c > 0]
+            out[r]["block_ratio_median"] = float(np.median(ratios)) if ratios else None
+    return out
+
+
+def run_engines(engines, samples, ref_outputs=None, output_names=None, labels=None, warmup=20,
+                runs=MIN_TIMED_RUNS, block=10):
+    """engines: {role: path}, baseline first. Fidelity of each engine on every sample, then interleaved timing.
+
+    Returns {"engines": {role: {"latency_ms", "memory", "fidelity", "engine_inputs", "engine_outputs"}},
+    "device": name, "roles": [...]}.
+    """
+    cuda = Cuda()
+    runners = {}
+    try:
+        for role, path in engines.items():
+            runners[role] = EngineRunner(path, cuda=cuda)
+        res = {}
+        for role, r in runners.items():
+            outs = [r.infer(s) for s in samples]
+            res[role] = {"engine_inputs": r.inputs, "engine_outputs": r.outputs}
+            if ref_outputs is not None:
+                names = list(output_names or r.outputs)
+                cand = [[o[r.outputs.index(n)] for n in names] for o in outs]
+                res[role]["fidelity"] = fidelity(cand, ref_outputs, names, labels)
+        lat = time_interleaved(runners, samples[0], warmup=warmup, runs=runs, block=block)
+        for role, r in runners.items():
+            res[role]["latency_ms"] = lat[role]
+            res[role]["memory"] = r.memory()
+        try:
+            device = cuda.device_name()
+        except CudaError:
+            device = "unknown"
+        return {"engines": res, "device": device, "roles": list(engines)}
+    finally:
+        for r in runners.values():
+            r.close()
 
 
 def make_report(*, model, target, latency_ms=None, memory=None, fidelity_result=None, environment=None,

@@ -1,15 +1,18 @@
 # ============================================================================ bench.py (device side)
 # edgec appends this to targets/tensorrt/runner.py to make the bundle's bench.py: the names it uses
-# (EngineRunner, run_engine, fidelity, summarize_ms, gpu_status, write_json, make_report, CudaError) come
-# from runner.py above. Standalone: tensorrt, numpy and cuda-python only (JetPack 6 provides them).
+# (EngineRunner, run_engine, run_engines, fidelity, summarize_ms, gpu_status, write_json, make_report, CudaError)
+# come from runner.py above. Standalone: tensorrt and numpy (JetPack 6 provides them) and cuda-python, which
+# JetPack does not install: pip3 install 'cuda-python>=12,<13' (JetPack 6 ships CUDA 12.6).
 #
-#   python3 bench.py [--allow-unlocked] [--runs 200] [--warmup 20] [--build]
+#   python3 bench.py [--allow-unlocked] [--runs 200] [--warmup 20] [--build] [--no-baseline]
 #
-# Writes report.json: the host's edgec report (kept as report.host.json) with "bench" and "fidelity"
-# replaced by this device's measurement of the TensorRT engine, and "fidelity_host_onnxruntime" keeping
-# the host's ONNX Runtime figure. Clocks: records `nvpmodel -q` and `jetson_clocks --show`; refuses to
-# run (exit 3) when the clocks are not locked, unless --allow-unlocked, which marks the numbers
-# "comparable": false. RAM: samples `tegrastats` during the timed runs when it exists.
+# Times baseline.engine (FP16 from the original graph) and model.engine interleaved in one run and reports
+# the ratio of their medians; fidelity of both against reference_outputs.npz. Writes report.json: the
+# host's edgec report (kept as report.host.json) with "bench" and "fidelity" replaced by this device's
+# measurement of the compiled engine ("bench.baseline" holds the baseline's), and "fidelity_host_onnxruntime"
+# keeping the host's ONNX Runtime figure. Clocks: records `nvpmodel -q` and `jetson_clocks --show` and a
+# summary of the run's power mode and clocks; refuses to run (exit 3) when the clocks are not locked, unless
+# --allow-unlocked, which marks the numbers "comparable": false. RAM: samples `tegrastats` when it exists.
 import argparse
 import re
 import shutil
@@ -259,8 +262,86 @@ def make_arg_parser():
     p.add_argument("--runs", type=int, default=MIN_TIMED_RUNS)
     p.add_argument("--allow-unlocked", action="store_true",
                    help="measure even when clocks are not locked; numbers are marked not comparable")
-    p.add_argument("--build", action="store_true", help="run build_engine.py first when the engine is missing")
+    p.add_argument("--baseline", default=os.path.join(HERE, "baseline.engine"),
+                   help="the FP16 baseline engine timed against --engine in the same run")
+    p.add_argument("--no-baseline", action="store_true", help="time the compiled engine alone (no speedup)")
+    p.add_argument("--build", action="store_true",
+                   help="run build_engine.py (with the bundle's build arguments) when an engine is missing")
     return p
+
+
+def clock_summary(env, locked):
+    """The power mode and clocks this run measured under (from environment())."""
+    nv = (env.get("nvpmodel") or {}).get("parsed") or {}
+    jc = (env.get("jetson_clocks") or {}).get("parsed") or {}
+    cpus = jc.get("cpus") or {}
+    return {"power_mode": nv.get("mode") or jc.get("power_mode"), "power_mode_id": nv.get("id"),
+            "gpu_hz": (jc.get("gpu") or {}).get("CurrentFreq"), "emc_hz": (jc.get("emc") or {}).get("CurrentFreq"),
+            "cpu_hz": sorted({c.get("CurrentFreq") for c in cpus.values() if c.get("online")} - {None}),
+            "locked": bool(locked), "model": env.get("model")}
+
+
+def load_build_engine():
+    """The bundle's build_engine.py, loaded by path (never a same-named module from elsewhere on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edgec_bundle_build_engine", os.path.join(HERE, "build_engine.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_missing(args):
+    """Build the engines with the arguments edgec wrote into manifest.json (DLA core, shapes, typing, ...)."""
+    argv = ["--onnx", os.path.join(HERE, "model.onnx"), "--engine", args.engine,
+            "--baseline-engine", args.baseline] + list(_manifest().get("build_argv") or [])
+    if args.no_baseline:
+        argv.append("--no-baseline")
+    return load_build_engine().main(argv)
+
+
+def _build_summary(engine):
+    path = os.path.splitext(engine)[0] + ".build.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def measure(args, comparable, reason, env, locked):
+    """Run the engines (baseline first, interleaved); return (bench section, compiled engine's fidelity)."""
+    feeds, refs, names, labels, meta = load_reference(args.reference)
+    engines = {"compiled": args.engine}
+    if not args.no_baseline and os.path.exists(args.baseline):
+        engines = {"baseline_fp16": args.baseline, "compiled": args.engine}
+    tegra = TegraStats()
+    sampling = tegra.start()
+    try:
+        res = run_engines(engines, feeds, ref_outputs=refs, output_names=names, labels=labels,
+                          warmup=args.warmup, runs=args.runs)
+    finally:
+        ram = tegra.stop() if sampling else None
+    comp = res["engines"]["compiled"]
+    memory = dict(comp["memory"])
+    memory["tegrastats"] = ram
+    section = {
+        "device_run": True, "target": "jetson", "device": res["device"],
+        "latency_ms": comp["latency_ms"], "memory": memory,
+        "comparable": comparable, "comparable_reason": reason, "clocks": clock_summary(env, locked),
+        "latency_protocol": "batch 1, TensorRT execute_async_v3, CUDA events, %d warm-up + %d timed runs per engine, "
+                            "engines interleaved in alternating blocks" % (args.warmup, args.runs),
+        "environment": env, "reference_samples": meta["samples"],
+    }
+    if "baseline_fp16" in res["engines"]:
+        b = res["engines"]["baseline_fp16"]
+        section["baseline"] = {"engine": os.path.basename(args.baseline), "latency_ms": b["latency_ms"],
+                               "memory": b["memory"], "fidelity": b["fidelity"],
+                               "build": _build_summary(args.baseline)}
+        section["speedup_vs_baseline_fp16"] = comp["latency_ms"]["speedup_vs_baseline_fp16"]
+    else:
+        section["baseline"] = {"skipped": "no baseline engine %s (run build_engine.py, or bench.py --build)"
+                                          % os.path.basename(args.baseline) if not args.no_baseline else "--no-baseline"}
+    return section, comp["fidelity"]
 
 
 def main(argv=None, env=None):
@@ -280,49 +361,29 @@ def main(argv=None, env=None):
     if not ok:
         sys.stderr.write("bench: cannot run the engine here: %s\n" % why)
         return EXIT_ERROR
-    build_summary = None
-    if not os.path.exists(args.engine):
-        if not args.build:
-            sys.stderr.write("bench: %s not found: run `python3 build_engine.py` first (or pass --build)\n" % args.engine)
-            return EXIT_ERROR
-        sys.path.insert(0, HERE)
-        import build_engine
-        rc = build_engine.main(["--onnx", os.path.join(HERE, "model.onnx"), "--engine", args.engine])
+    missing = not os.path.exists(args.engine) or (not args.no_baseline and not os.path.exists(args.baseline)
+                                                   and os.path.exists(os.path.join(HERE, "baseline.onnx")))
+    if missing and args.build:
+        rc = build_missing(args)
         if rc != 0:
             return rc
-    summary_path = os.path.splitext(args.engine)[0] + ".build.json"
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            build_summary = json.load(f)
-    feeds, refs, names, labels, meta = load_reference(args.reference)
-    tegra = TegraStats()
-    sampling = tegra.start()
-    try:
-        res = run_engine(args.engine, feeds, ref_outputs=refs, output_names=names, labels=labels,
-                         warmup=args.warmup, runs=args.runs)
-    finally:
-        ram = tegra.stop() if sampling else None
-    memory = dict(res["memory"])
-    memory["tegrastats"] = ram
-    bench_section = {
-        "device_run": True, "target": "jetson", "device": res["device"],
-        "latency_ms": res["latency_ms"], "memory": memory,
-        "comparable": comparable, "comparable_reason": reason,
-        "latency_protocol": "batch 1, TensorRT execute_async_v3, CUDA events, %d warm-up + %d timed runs"
-                            % (args.warmup, args.runs),
-        "environment": env, "reference_samples": meta["samples"],
-    }
+    if not os.path.exists(args.engine):
+        sys.stderr.write("bench: %s not found: run `python3 build_engine.py` first (or pass --build)\n" % args.engine)
+        return EXIT_ERROR
+    section, fid = measure(args, comparable, reason, env, locked)
     host = _host_report()
     if host is None:
         man = _manifest()
         host = make_report(model=man.get("model", "unknown"), target="jetson")
         host["recipe"] = man.get("recipe")
-    report = device_report(host, bench_section, res["fidelity"], build_summary)
+    report = device_report(host, section, fid, _build_summary(args.engine))
     write_json(args.out, report)
-    s, lat = res["fidelity"]["summary"], res["latency_ms"]
-    sys.stdout.write("bench: median %.3f ms, p90 %.3f, p99 %.3f; top-1 agreement %s, cosine %.4f; %s -> %s\n" % (
-        lat["median"], lat["p90"], lat["p99"], s.get("top1_agreement", "n/a"), s["cosine_min"],
-        "comparable" if comparable else "NOT comparable", args.out))
+    s, lat = fid["summary"], section["latency_ms"]
+    speed = section.get("speedup_vs_baseline_fp16")
+    sys.stdout.write("bench: median %.3f ms, p90 %.3f, p99 %.3f; %s; top-1 agreement %s, cosine %.4f; %s -> %s\n" % (
+        lat["median"], lat["p90"], lat["p99"],
+        "%.2fx vs the FP16 baseline" % speed if speed else "no baseline", s.get("top1_agreement", "n/a"),
+        s["cosine_min"], "comparable" if comparable else "NOT comparable", args.out))
     return 0
 
 
