@@ -1,6 +1,7 @@
 """Torch-side helpers for pruning: Taylor scores, KD fine-tuning and ADMM L0 sparse training.
 
-Taylor (seed 000, first order):  s_c = E_x |sum_p a_c(p) dL/da_c(p)|. For a producer y = W x + b (Conv/Gemm),
+Taylor (first order; the gradient importance of the adaptive-threshold method, Wang et al., Computer Engineering
+2022):  s_c = E_x |sum_p a_c(p) dL/da_c(p)|. For a producer y = W x + b (Conv/Gemm),
     sum_p a_c(p) dL/da_c(p) = <W_c, dL/dW_c> + b_c dL/db_c,
 so the score needs only per-sample parameter gradients of the ONNX graph converted with onnx2torch (scoring only).
 Loss: cross-entropy on labels when given, else the cross-entropy to the original model's own softmax sharpened by
@@ -10,7 +11,8 @@ surrogate is used).
 KD fine-tuning:  L = CE(y, label) + T^2 KL(softmax(t/T) || softmax(s/T)), student = pruned ONNX via onnx2torch,
 weights written back into the ONNX initializers they came from (matched by value before training).
 
-ADMM L0 sparse training (seed 003, three sub-problems, k = 1, 2, ...), on per-channel scaling factors gamma (the
+ADMM L0 sparse training (the ADMM + GA pruning patent, "an efficient pruning method for deep CNNs", CN 2021; three
+sub-problems, k = 1, 2, ...), on per-channel scaling factors gamma (the
 BatchNorm weights):
     1) gamma^k = argmin_gamma  loss(W, gamma) + rho/2 |gamma - z^{k-1} + u^{k-1}|^2     (SGD epochs)
     2) z^k     = argmin_z  lam |z|_0 + rho/2 |gamma^k + u^{k-1} - z|^2

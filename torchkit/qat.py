@@ -1,4 +1,5 @@
-"""Training-aware joint sparsity + quantization (seed 004) in torch, exported through the same Q/DQ pass.
+"""Training-aware joint sparsity + quantization in torch (adaptive joint compression, Yao et al., Chinese Journal of
+Scientific Instrument 2023), exported through the same Q/DQ pass.
 
 For every Conv2d / Linear weight W of layer l with bitwidth b_l and binary mask M_l:
   W_eff = FQ_b(W * M),  FQ_b(v) = s * clip(round(v / s), -q, q),  s_c = max|v_c| / q,  q = 2^(b-1) - 1

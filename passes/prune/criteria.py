@@ -3,11 +3,14 @@ aggregated over the group's members.
 
   l1          s_c = sum_m mean|W_m[c]|                       (producer rows and consumer columns, per member)
   l2          s_c = sum_m sqrt(mean W_m[c]^2)
-  bn_scale    s_c = |gamma_c|                                 (network slimming; seed-003 scaling factors)
-  taylor      s_c = E|a_c * dL/da_c|                          (seed 000; see torch_tools)
-  apoz        s_c = 1 - P(a_c <= 0)                           (seed 001, Network Trimming)
-  entropy     s_c = H(hist_m(GAP(a_c)))                       (seed 001, entropy of pooled activations)
-  kl          s_c = -KL(P_c || U),  P_c = softmax_j(cos(w_c, w_j)/tau)   (seed 002, kernel similarity)
+  bn_scale    s_c = |gamma_c|            (network slimming; the scaling factors of ADMM sparse training, see allocate)
+  taylor      s_c = E|a_c * dL/da_c|     (gradient-based importance of the adaptive-threshold method, Wang et al.,
+                                          Computer Engineering 2022; see torchkit/prune_tools)
+  apoz        s_c = 1 - P(a_c <= 0)      (APoZ, Network Trimming, Hu et al. 2016)
+  entropy     s_c = H(hist_m(GAP(a_c)))  (entropy of pooled activations, entropy-based filter pruning, Luo & Wu 2017)
+  kl          s_c = -KL(P_c || U),  P_c = softmax_j(cos(w_c, w_j)/tau)   (kernel-similarity relative entropy of the
+                                          information-fusion method APBM, Qu et al., Computer Engineering and
+                                          Applications 2022)
   actnorm     s_c = E|a_c| * |C[:, c]|                        (activation magnitude times consumer column norm)
   recon       s_c = |E_c| / |Y|^2, E_c the output error of the consumer after greedily removing (OBS, with
               least-squares refit of the rest) every channel up to and including c
@@ -72,7 +75,7 @@ def entropy_score(pooled: np.ndarray, bins: int = 16) -> np.ndarray:
 
 def kl_score(prod: np.ndarray, tau: float = 0.1) -> np.ndarray:
     """s_c = -KL(P_c || U) with P_c(j) = softmax_{j != c}(cos(w_c, w_j) / tau): a filter whose similarity mass
-    concentrates on a few others is redundant (seed 002)."""
+    concentrates on a few others is redundant (APBM's relative-entropy importance, Qu et al. 2022)."""
     P = np.asarray(prod, np.float64)
     n = P.shape[0]
     if n < 3:

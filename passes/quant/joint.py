@@ -1,4 +1,6 @@
-"""Joint channel removal + mixed bits under one budget (seed 004, post-training), with a fidelity floor.
+"""Joint channel removal + mixed bits under one budget, with a fidelity floor: a post-training form of adaptive
+joint compression (layer-wise sparsity and bit widths together; Yao et al., Chinese Journal of Scientific Instrument
+2023).
 
 Budget: storage bits of the quantizable layers' weights, B = target_bits_per_weight x params(original) (or
 target_size_bytes x 8). A candidate is (p, b): p = kept fraction of params given to the `prune` pass (structured
@@ -152,7 +154,8 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
 
 
 def _ga(opts, ctx, budget, params0, pruned, build, ev, seeds):
-    """GA over [keep-ratio gene | 2-bit gene per layer], with the pruning issue's operators."""
+    """GA over [keep-ratio gene | 2-bit gene per layer], with the GA pruning-rate search's operators (binary
+    genes, single-point crossover, bit-flip mutation, roulette selection; passes/prune/allocate.py)."""
     from edgec.passes.prune.allocate import crossover, mutate, roulette
 
     rng = ctx.rng("joint-ga")
