@@ -1,6 +1,8 @@
-"""The pruning papers' headline on real labels (issue 3, Done-when 3): sklearn digits at 32x32, VGG- and ResNet-style nets trained
+"""The pruning papers' headline on real labels (issue 3, Done-when 3): sklearn digits at 32x32, VGG- and
+ResNet-style nets trained
 here; prune + a short KD fine-tune removes >= 90% of params and >= 70% of MACs at <= 1.0 point accuracy drop.
-Also the ADMM L0 sparse training (ADMM + GA pruning patent, CN 2021) of per-channel scaling factors, then pruning by those factors."""
+Also the ADMM L0 sparse training (ADMM + GA pruning patent, CN 2021) of per-channel scaling factors, then
+pruning by those factors."""
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """Digits (real labels): mixed int8/int4 weights >= 8x smaller at <= 1.0 pt accuracy drop; joint pruning +
-mixed bits >= 100x fewer weight bits at <= 1.5 pt drop (the claim of adaptive joint compression, Yao et al. 2023). Accuracy is measured in ONNX Runtime on the
+mixed bits >= 100x fewer weight bits at <= 1.5 pt drop (the claim of adaptive joint compression, Yao et al.
+2023). Accuracy is measured in ONNX Runtime on the
 emitted Q/DQ graphs, on a held-out split of scikit-learn's digits."""
 from __future__ import annotations
 

@@ -2,14 +2,16 @@
 
   uniform      keep_g = round(r * n_g), one r for all groups, the largest r that fits the budget
   global       keep_g = round(#{c : s_gc >= t}), s member-normalised, the lowest threshold t that fits
-  adaptive     gradient-based adaptive threshold (Wang et al., Computer Engineering 2022): per group, grid-search element-importance thresholds t, R_g(t) = fraction of weights
+  adaptive     gradient-based adaptive threshold (Wang et al., Computer Engineering 2022): per group, grid-search
+               element-importance thresholds t, R_g(t) = fraction of weights
                above t; the knee t* = argmax curvature |R''| / (1 + R'^2)^1.5 sets r_g = R_g(t*);
                keep_g = round(min(1, a * r_g) * n_g) with the largest a that fits
   sensitivity  per-layer pruning sensitivity (Li et al., Pruning Filters for Efficient ConvNets, ICLR 2017):
                d_g(r) = fidelity loss with group g alone kept at ratio r; choose r_g minimising
                sum_g d_g(r_g) + mu * cost_g(r_g), mu bisected to the budget
   ga           genetic-algorithm pruning-rate search (the ADMM + GA pruning patent, "an efficient pruning method
-               for deep CNNs", CN 2021): per-group keep ratios binary-encoded (`bits` bits each), single-point crossover, bit-flip
+               for deep CNNs", CN 2021): per-group keep ratios binary-encoded (`bits` bits each), single-point
+               crossover, bit-flip
                mutation, roulette selection on fitness f = fid + theta * (2 - macs/macs0 - params/params0);
                every decoded individual is scaled into the budget first. Deterministic for a given rng.
 
@@ -156,7 +158,8 @@ def _mean_norm(s: np.ndarray) -> np.ndarray:
 
 
 def knee_ratio(elem: np.ndarray, grid: int = 64) -> tuple[float, float]:
-    """Adaptive threshold (Wang et al. 2022): R(t) = fraction of |elem| above t on a grid of t in [0, max]; returns (R(t*), t*/max) at the
+    """Adaptive threshold (Wang et al. 2022): R(t) = fraction of |elem| above t on a grid of t in [0, max];
+    returns (R(t*), t*/max) at the
     maximum curvature |R''| / (1 + R'^2)^1.5 (t and R both on [0, 1])."""
     e = np.abs(np.asarray(elem, np.float64)).ravel()
     mx = float(e.max()) if e.size else 0.0

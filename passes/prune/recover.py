@@ -1,6 +1,7 @@
 """Recovery without retraining after channel removal.
 
-Information fusion (APBM, Qu et al., Computer Engineering and Applications 2022): a removed channel i is folded into its most similar kept channel j of the same
+Information fusion (APBM, Qu et al., Computer Engineering and Applications 2022): a removed channel i is folded
+into its most similar kept channel j of the same
 group. With producer filters w_i, w_j: lambda = <w_i, w_j> / |w_j|^2 and the consumer column is updated
     C[:, j] += lambda * C[:, i]
 and, when activation means are known, the residual mean goes into the consumer bias:
