@@ -23,6 +23,7 @@ holds it on the head tensors (stricter: a YOLO output0's cosine is dominated by 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class FloorSpec:
     cosine_scope: str = "all"
     samples: int = 64
     region_gate: str = "auto"  # auto | inputs | outputs: where a decode region's cosine floor holds (see above)
+    reserve: float = 0.0  # under a policy: the fraction of its allowed loss this pass leaves to later passes
 
     def __post_init__(self):
         for nm in ("min_top1_agreement", "min_cosine"):
@@ -61,6 +63,8 @@ class FloorSpec:
             raise ValueError(f"cosine_scope must be one of {', '.join(COSINE_SCOPES)}, got {self.cosine_scope!r}")
         if self.region_gate not in REGION_GATES:
             raise ValueError(f"region_gate must be one of {', '.join(REGION_GATES)}, got {self.region_gate!r}")
+        if not (isinstance(self.reserve, (int, float)) and 0.0 <= self.reserve < 1.0):
+            raise ValueError(f"reserve must be a fraction in [0, 1), got {self.reserve!r}")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"floor samples must be a positive integer, got {self.samples!r}")
 
@@ -82,12 +86,24 @@ class FloorSpec:
 
 def policy_spec(ctx, spec: FloorSpec) -> FloorSpec:
     """The pass's floor under the compile's fidelity policy: thresholds and scope from ctx.fidelity (when set), and
-    the policy's sample count (the whole validate split); region_gate stays the pass's."""
+    the policy's sample count (the whole validate split); region_gate stays the pass's. A pass's `reserve` r
+    leaves part of the allowed loss to later passes: agreement / cosine floors t become 1 - (1 - t)(1 - r), an
+    accuracy-drop ceiling d becomes d (1 - r)."""
     pol = getattr(ctx, "fidelity", None)
     if pol is None:
         return spec
-    return FloorSpec(pol.min_top1_agreement, pol.max_accuracy_drop, pol.min_cosine, pol.cosine_scope, pol.samples,
-                     spec.region_gate)
+    r = float(spec.reserve)
+
+    def tight(t):
+        if t is None:
+            return None
+        if isinstance(t, dict):
+            return {k: tight(v) for k, v in t.items()}
+        return 1.0 - (1.0 - float(t)) * (1.0 - r) if t < 1.0 else float(t)
+
+    drop = None if pol.max_accuracy_drop is None else float(pol.max_accuracy_drop) * (1.0 - r)
+    return FloorSpec(tight(pol.min_top1_agreement), drop, tight(pol.min_cosine), pol.cosine_scope, pol.samples,
+                     spec.region_gate, 0.0)
 
 
 def _classifier_shaped(a: np.ndarray) -> bool:
@@ -143,10 +159,17 @@ class OutputFloor:
         self.labels = None
         if all_labels is not None and len(all_labels) >= len(self.feeds):
             self.labels = np.asarray(all_labels[: len(self.feeds)])
+        policy = getattr(ctx, "fidelity", None) is not None
+        if policy and (self.labels is None or self.cls_index is None) and spec.max_accuracy_drop is not None:
+            # a policy's accuracy clause applies where there are labels and a classifier output
+            self.spec = spec = dataclasses.replace(spec, max_accuracy_drop=None)
+        if policy:  # agreement / accuracy clauses hold for classifier outputs, cosine for the outputs in scope
+            self.active = bool(self.cosine_outputs) or (self.cls_index is not None and (
+                spec.min_top1_agreement is not None or spec.max_accuracy_drop is not None))
         if spec.max_accuracy_drop is not None and self.labels is None:
             raise EdgecError("max_accuracy_drop needs labelled data (--data with labels)")
         if self.cls_index is None and (spec.min_top1_agreement is not None or spec.max_accuracy_drop is not None) \
-                and spec.min_cosine is None:
+                and spec.min_cosine is None and not policy:
             raise EdgecError("min_top1_agreement / max_accuracy_drop need a classifier output ([N, C]); this model has "
                              f"none ({', '.join(self.names)}): use min_cosine")
 

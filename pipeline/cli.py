@@ -67,8 +67,10 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
                    "carrying this Ray resource, e.g. cpu_arm64 (needs --cluster)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="calibration/eval data: bundled | synthetic | DIR | .npy | .npz (default: bundled)")
-    g.add_argument("--calib-samples", type=int, default=64)
-    g.add_argument("--eval-samples", type=int, default=128)
+    g.add_argument("--calib-samples", type=int, default=64, help="fit split: what passes calibrate and refit on")
+    g.add_argument("--validate-samples", type=int, default=64,
+                   help="validate split: what every fidelity decision is gated on (default: 64)")
+    g.add_argument("--eval-samples", type=int, default=128, help="eval split: held out, for the report only")
     g.add_argument("--mean", type=_floats, help="preprocessing mean, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", type=_floats, help="preprocessing std")
     g.add_argument("--layout", choices=["NCHW", "NHWC"])
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = CompileOptions(model=args.model, target=args.target, recipe=args.recipe, out=args.out,
                               overrides=args.overrides, input_shapes=args.input_shape, weights=args.weights,
                               data=args.data, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
+                              validate_samples=args.validate_samples,
                               threads=tuple(args.threads), seed=args.seed, bench=args.bench, memory=args.memory,
                               warmup=args.warmup, runs=args.runs, opt_level=args.opt_level,
                               dynamic_batch=args.dynamic_batch, dynamic=args.dynamic, max_memory=args.max_memory,

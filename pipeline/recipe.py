@@ -7,8 +7,18 @@
       - name: prune
         options: {target_macs: 0.7, criterion: taylor}
 
-`--set pass.option=value` overrides an option of a pass in the recipe; unknown passes and options are errors,
-checked against each pass's options dataclass before anything runs.
+One `fidelity:` block holds the policy that every lossy pass and the compile as a whole obey, measured against the
+original model on the validate split (samples no pass fitted to):
+
+    fidelity:
+      min_top1_agreement: 0.95   # classifier outputs ([N, C])
+      max_accuracy_drop: 1.0     # points of accuracy, when the data has labels
+      min_cosine: 0.99           # every output in scope, or {output_name: cosine}
+      cosine_scope: dense_models # all | dense_models (cosine only for models with a non-classifier output)
+
+Passes carry no copy of these knobs: a pass option of that name in a recipe is an error.
+`--set pass.option=value` overrides an option of a pass in the recipe and `--set fidelity.key=value` the policy;
+unknown passes, options and keys are errors, checked before anything runs.
 """
 from __future__ import annotations
 
@@ -23,8 +33,9 @@ from edgec.passes.base import get_pass, make_options, options_dict
 from edgec.core.errors import EdgecError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # edgec.recipes (package_dir maps it)
-_TOP_KEYS = {"name", "description", "passes"}
+_TOP_KEYS = {"name", "description", "passes", "fidelity"}
 _STEP_KEYS = {"name", "options"}
+FIDELITY_KEYS = ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope")
 
 
 @dataclass
@@ -38,10 +49,22 @@ class Recipe:
     name: str
     description: str
     steps: list[Step] = field(default_factory=list)
+    fidelity: dict = field(default_factory=dict)  # the policy (FIDELITY_KEYS); empty: no policy
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description,
+                **({"fidelity": dict(self.fidelity)} if self.fidelity else {}),
                 "passes": [{"name": s.name, "options": options_dict(s.options)} for s in self.steps]}
+
+    def floor_spec(self, samples: int):
+        """The policy as a passes.floor.FloorSpec over `samples` validate samples (None without a policy)."""
+        from edgec.passes.floor import FloorSpec
+
+        if not self.fidelity:
+            return None
+        f = self.fidelity
+        return FloorSpec(f.get("min_top1_agreement"), f.get("max_accuracy_drop"), f.get("min_cosine"),
+                         f.get("cosine_scope", "dense_models"), max(int(samples), 1))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -107,18 +130,46 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
             steps.append((str(n), dict(opts or {})))
         else:
             raise EdgecError(f"recipe step {i + 1} must be a pass name or a mapping with 'name'")
+    fidelity = _fidelity_block(data.get("fidelity"))
     for ov in overrides or []:
         if "=" not in ov or "." not in ov.split("=", 1)[0]:
             raise EdgecError(f"--set expects pass.option=value, got '{ov}'")
         key, val = ov.split("=", 1)
         pname, opt = key.split(".", 1)
+        if pname == "fidelity":
+            fidelity = _fidelity_block({**fidelity, opt: parse_value(val)})
+            continue
         matches = [o for n, o in steps if n == pname]
         if not matches:
             raise EdgecError(f"--set {key}: the recipe has no pass '{pname}' (passes: {', '.join(n for n, _ in steps)})")
         for o in matches:
             o[opt] = parse_value(val)
-    recipe = Recipe(str(data.get("name") or default_name), str(data.get("description") or ""))
+    recipe = Recipe(str(data.get("name") or default_name), str(data.get("description") or ""), fidelity=fidelity)
     for n, o in steps:
         spec = get_pass(n)
+        own = sorted(set(o) & set(FIDELITY_KEYS))
+        if own:
+            raise EdgecError(f"pass '{n}' option(s) {', '.join(own)} belong in the recipe's fidelity: block "
+                             f"(--set fidelity.{own[0]}=...): every pass obeys one policy")
         recipe.steps.append(Step(n, make_options(spec, o)))
     return recipe
+
+
+def _fidelity_block(raw) -> dict:
+    """Validate the recipe's fidelity policy: known keys, numbers in range (FloorSpec's checks)."""
+    from edgec.passes.floor import FloorSpec
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise EdgecError("recipe 'fidelity' must be a mapping of " + ", ".join(FIDELITY_KEYS))
+    unknown = sorted(set(raw) - set(FIDELITY_KEYS))
+    if unknown:
+        raise EdgecError(f"unknown fidelity key(s): {', '.join(unknown)}; valid: {', '.join(FIDELITY_KEYS)}")
+    out = {k: v for k, v in raw.items() if v is not None}
+    try:
+        FloorSpec(out.get("min_top1_agreement"), out.get("max_accuracy_drop"), out.get("min_cosine"),
+                  out.get("cosine_scope", "dense_models"))
+    except ValueError as e:
+        raise EdgecError(f"bad fidelity policy: {e}") from None
+    return out

@@ -55,7 +55,11 @@ def _mb(b):
 def render_markdown(r: dict) -> str:
     L = [f"# edgec report: {r['model']['name']} -> {r['target']} ({r['recipe']['name']})", ""]
     L += [f"- source: {r['model']['source']}", f"- input: {r['model']['inputs']}",
-          f"- data: calib {r['data']['calib_samples']} / eval {r['data']['eval_samples']} samples ({r['data']['description']})",
+          f"- data: fit {r['data']['calib_samples']} / validate {r['data'].get('validate_samples', '-')} / eval "
+          f"{r['data']['eval_samples']} samples, disjoint ({(r['data'].get('disjointness') or {}).get('checked', '-')})",
+          f"  - fit: {r['data']['description']}", f"  - validate: {r['data'].get('validate_description', '-')}",
+          f"  - eval: {r['data'].get('eval_description', '-')}",
+          f"- preprocessing assumed (also in model.onnx metadata_props): {_pre(r.get('preprocess'))}",
           f"- seed: {r['seed']}", ""]
     c0, c1 = r["costs"]["original"], r["costs"]["final"]
     L += ["## Compute and size", "", "| | original | final | ratio |", "|---|---|---|---|"]
@@ -81,6 +85,7 @@ def render_markdown(r: dict) -> str:
         L.append("")
     if b.get("skipped"):
         L += [f"Benchmark: {b['skipped']}", ""]
+    L += _policy_section(r)
     f = r.get("fidelity") or {}
     if f:
         s = f.get("summary", {})
@@ -92,14 +97,14 @@ def render_markdown(r: dict) -> str:
             for n, p in per.items():
                 L.append(f"| {n} | {p['cosine']:.5f} | {p['rel_l2']:.2e} | {p['max_abs']:.3e} | {_fmt(p.get('top1_agreement'))} |")
             L.append("")
-    L += ["## Passes", "", "| pass | exact | seconds | err vs prev | top-1 vs orig (verify set) | MACs | nodes |", "|---|---|---|---|---|---|---|"]
+    L += ["## Passes", "", "| pass | exact | seconds | err vs prev | MACs | nodes |", "|---|---|---|---|---|---|"]
     for s in r["passes"]:
         L.append(f"| {s['name']} | {s['exact']} | {s['seconds']:.2f} | {s['error_vs_previous']:.2e} | "
-                 f"{_fmt(s['fidelity_vs_original'].get('top1_agreement'))} | {s['costs']['macs']:,} | {s['nodes']} |")
+                 f"{s['costs']['macs']:,} | {s['nodes']} |")
     floors = [(s["name"], s["stats"]["floor"]) for s in r["passes"] if isinstance((s.get("stats") or {}).get("floor"), dict)]
     if floors:
-        L += ["", "### Fidelity floors (calibration samples, vs the original)", "",
-              "| pass | floor | measured | met | note |", "|---|---|---|---|---|"]
+        L += ["", "### Fidelity floors held by each pass (vs the original)", "",
+              "| pass | floor | measured on | measured | met | note |", "|---|---|---|---|---|---|"]
         for name, fl in floors:
             spec = ", ".join(f"{k} {v}" for k, v in fl.items()
                              if k in ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope") and v is not None)
@@ -108,7 +113,8 @@ def render_markdown(r: dict) -> str:
                 "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items()) + \
                 "".join(f"; decode input cos({o}) {c:.4f} (reported)" for o, c in
                         (meas.get("decode_inputs_cosine") or {}).items())
-            L.append(f"| {name} | {spec} | {got.lstrip('; ')} | {fl.get('met')} | {fl.get('note', '')} |")
+            on = f"{fl.get('measured_on', 'calibration samples')} ({fl.get('samples', '-')})"
+            L.append(f"| {name} | {spec} | {on} | {got.lstrip('; ')} | {fl.get('met')} | {fl.get('note', '')} |")
     posts = [(s["name"], s["stats"]["postprocess"]) for s in r["passes"] if (s.get("stats") or {}).get("postprocess")]
     if posts:
         L += ["", "### Decode / post-processing region (left in float, never pruned)", ""]
@@ -133,6 +139,41 @@ def render_markdown(r: dict) -> str:
     return "\n".join(L)
 
 
+def _pre(p: dict | None) -> str:
+    if not p:
+        return "-"
+    if not p.get("applies"):
+        return p.get("note", "not an image input")
+    return (f"mean {p['mean']}, std {p['std']}, scale {p['scale']:.6g}, {p['layout']}, values in "
+            f"[{p['value_range'][0]:.3f}, {p['value_range'][1]:.3f}]" + (f" ({p['note']})" if p.get("note") else ""))
+
+
+def _policy_section(r: dict) -> list[str]:
+    """Fidelity of the emitted model on fit / validate / eval side by side, and the policy it was held to."""
+    L = []
+    pol = r.get("fidelity_policy") or {}
+    if pol:
+        thr = ", ".join(f"{k} {v}" for k, v in (pol.get("policy") or {}).items()) or "none"
+        L += ["## Fidelity policy (the recipe's `fidelity:` block, gated on the validate split)", "",
+              f"- policy: {thr}; met: {pol.get('met', '-')}; returned: output of pass '{pol.get('returned', '-')}'"]
+        if pol.get("note"):
+            L.append(f"- **{pol['note']}**")
+        L.append("")
+    sp = r.get("fidelity_splits") or {}
+    if sp:
+        keys = [k for k in ("top1_agreement", "top5_agreement", "cosine_min", "accuracy", "reference_accuracy")
+                if any(k in (v.get("summary") or {}) for v in sp.values())]
+        L += ["## Fidelity vs original FP32 by split", "", "| split | samples | " + " | ".join(keys) + " |",
+              "|---|---|" + "---|" * len(keys)]
+        role = {"fit": "fit (passes fitted to it)", "validate": "validate (decisions gated on it)",
+                "eval": "eval (held out)"}
+        for k, v in sp.items():
+            L.append(f"| {role.get(k, k)} | {v['samples']} | " +
+                     " | ".join(_fmt((v.get("summary") or {}).get(m), 4) for m in keys) + " |")
+        L.append("")
+    return L
+
+
 def summary_table(r: dict) -> str:
     """The compact table `make` prints."""
     c0, c1 = r["costs"]["original"], r["costs"]["final"]
@@ -150,8 +191,17 @@ def summary_table(r: dict) -> str:
     if b.get("skipped"):
         rows.append(("benchmark", b["skipped"]))
     s = (r.get("fidelity") or {}).get("summary", {})
+    n_eval = (r.get("data") or {}).get("eval_samples")
+    val = ((r.get("fidelity_splits") or {}).get("validate") or {})
     for k in ("top1_agreement", "top5_agreement", "cosine_min", "accuracy"):
         if k in s:
-            rows.append((k, f"{s[k]:.4f}"))
+            v = (val.get("summary") or {}).get(k)
+            rows.append((k, f"{s[k]:.4f} on eval ({n_eval} held out)" +
+                         (f"; {v:.4f} on validate ({val['samples']})" if v is not None else "")))
+    pol = r.get("fidelity_policy") or {}
+    if pol.get("policy"):
+        rows.append(("fidelity policy", ", ".join(f"{k} {v}" for k, v in pol["policy"].items()) +
+                     f" on validate: {'met' if pol.get('met') else 'NOT met'}" +
+                     (f" (returned pass '{pol['returned']}')" if pol.get("note") else "")))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)

@@ -67,11 +67,14 @@ class PruneOptions:
     region_gate: str = "auto"  # auto | inputs | outputs (passes/floor.py)
     floor_samples: int = 16
     floor_steps: int = 4
+    # under a recipe's fidelity policy (PassContext.fidelity) prune holds it on the validate split, keeping this
+    # fraction of the allowed loss (1 - min_top1_agreement, 1 - min_cosine, max_accuracy_drop) for later passes
+    fidelity_reserve: float = 0.5
 
     @property
     def floor_spec(self) -> FloorSpec:
         return FloorSpec(self.min_top1_agreement, None, self.min_cosine, self.cosine_scope, self.floor_samples,
-                         self.region_gate)
+                         self.region_gate, self.fidelity_reserve)
 
     def __post_init__(self):
         budgets = [b for b in (self.target_macs, self.target_params, self.target_latency_ms) if b is not None]
@@ -688,8 +691,7 @@ def _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, 
             best, best_meas, hi = res, meas, f
         else:
             lo = f
-    info = {**floor.describe(), "measured": best_meas or meas, "history": hist, "met": best is not None,
-            "measured_on": "calibration samples"}
+    info = {**floor.describe(), "measured": best_meas or meas, "history": hist, "met": best is not None}
     if best is not None and best is not first:
         info["note"] = f"{budget.kind} budget {budget.target:g} is below the floor; relaxed to {hi:.3f}"
     return best, info

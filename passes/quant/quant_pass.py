@@ -7,8 +7,9 @@ measure per-layer sensitivity S_{l,b} one layer at a time (cached) and solve the
 latency costs come from ctx.target_probe.layer_latency_table (measured on the target) or, without a probe,
 from a MAC proxy (int8 = 0.5x fp32 per MAC), which the stats say -> emit Q/DQ (passes.quant.qdq) with bias
 correction -> with a probe, re-measure the whole model and tighten the latency budget until it is met ->
-fidelity floor (min_top1_agreement / max_accuracy_drop on calibration samples): promote the most sensitive
-layers until the floor holds; never return a model below it -> kernel check through the probe.
+fidelity floor (the recipe's fidelity policy, or the pass's own floor options without one; measured on the validate
+split, passes/floor.py): promote the most sensitive layers (by measured sensitivity, measured for this when no budget
+asked for it) until the floor holds; never return a model below it -> kernel check through the probe.
 """
 from __future__ import annotations
 
@@ -95,13 +96,14 @@ class QuantOptions:
         if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
             raise ValueError("min_top1_agreement is a fraction in [0, 1]")
         self.floor_spec  # validates the floor options
+        for nm in ("calib_samples", "sensitivity_samples", "floor_samples"):
+            if not isinstance(getattr(self, nm), int) or getattr(self, nm) <= 0:
+                raise ValueError(f"{nm} must be a positive integer, got {getattr(self, nm)!r}")
 
     @property
     def floor_spec(self) -> FloorSpec:
         return FloorSpec(self.min_top1_agreement, self.max_accuracy_drop, self.min_cosine, self.cosine_scope,
                          self.floor_samples, self.region_gate)
-        if self.calib_samples <= 0 or self.sensitivity_samples <= 0:
-            raise ValueError("sample counts must be positive")
 
     @property
     def budget_kind(self) -> str | None:
@@ -230,21 +232,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         bits = {L.name: cands[L.name][0] for L in layers}
     else:
         # ---- sensitivity
-        if opts.sensitivities is not None:
-            sens = {l: {int(b): float(v) for b, v in d.items()} for l, d in opts.sensitivities.items()}
-        else:
-            feeds = list(itertools.islice(ctx.calib_batches(), opts.sensitivity_samples))
-            ctx.progress(f"quant: sensitivity of {len(layers)} layers x {sorted({b for c in cands.values() for b in c})} bits")
-            sens = measure_sensitivity(m, layers, cands, ranges, dialect, feeds, metric=opts.metric,
-                                       weight_method=opts.weight_method, input_means=means,
-                                       bias_correction=opts.bias_correction, cache_dir=ctx.cache_dir,
-                                       threads=ctx.threads, progress=ctx.progress,
-                                       cache_extra={"calibration": opts.calibration, "samples": opts.calib_samples})
-        sens = {L.name: {b: sens.get(L.name, {}).get(b, 0.0 if b == 32 else np.inf) for b in cands[L.name]} for L in layers}
-        for l, d in sens.items():
-            for b in list(d):
-                if not np.isfinite(d[b]):
-                    d[b] = 1e6  # unmeasured: effectively forbidden
+        sens = _sensitivities(m, layers, cands, ranges, dialect, means, ctx, opts)
         # ---- costs
         fixed = 0.0
         if kind in ("size", "bits_per_weight"):
@@ -375,6 +363,9 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     # so bisect over its length instead of re-measuring after every step
     floor = OutputFloor(ctx, opts.floor_spec, m)
     if floor.active:
+        if not sens and not floor.ok(floor.measure(qm)):
+            # no budget, so no sensitivities yet: measure them (on fit samples) so promotions go by sensitivity
+            sens = _sensitivities(m, layers, cands, ranges, dialect, means, ctx, opts)
         seq = [dict(bits)]
         while any(b != 32 for b in seq[-1].values()):
             cur = dict(seq[-1])
@@ -401,7 +392,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         meas = at(steps)
         qm, info = build(bits)
         stats["floor"] = {**floor.describe(), "measured": meas, "promotions": steps, "met": floor.ok(meas),
-                          "measured_on": "calibration samples", "evaluations": len(measured)}
+                          "evaluations": len(measured)}
         if not floor.ok(meas) or (steps and all(b == 32 for b in bits.values())):
             stats["floor"]["note"] = ("the floor is met only with every layer fp32 on these samples; returning the "
                                       "unquantized model")
@@ -438,6 +429,29 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         "bias_corrected_layers": sum(1 for v in info["layers"].values() if v.get("bias_corrected")),
     })
     return PassResult(qm, True, stats)
+
+
+def _sensitivities(m, layers, cands, ranges, dialect, means, ctx, opts) -> dict[str, dict[int, float]]:
+    """{layer: {bits: S}} for every candidate: given (joint search) or measured on fit samples (cached)."""
+    if opts.sensitivities is not None:
+        sens = {l: {int(b): float(v) for b, v in d.items()} for l, d in opts.sensitivities.items()}
+    else:
+        feeds = list(itertools.islice(ctx.calib_batches(), opts.sensitivity_samples))
+        ctx.progress(f"quant: sensitivity of {len(layers)} layers x {sorted({b for c in cands.values() for b in c})} bits")
+        bar = ctx.progress.bar(sum(len([b for b in c if b != 32]) for c in cands.values()), "quant: sensitivity",
+                               unit="trial", detail_every=20)
+        sens = measure_sensitivity(m, layers, cands, ranges, dialect, feeds, metric=opts.metric,
+                                   weight_method=opts.weight_method, input_means=means,
+                                   bias_correction=opts.bias_correction, cache_dir=ctx.cache_dir,
+                                   threads=ctx.threads, progress=bar.tick,
+                                   cache_extra={"calibration": opts.calibration, "samples": opts.calib_samples})
+        bar.close()
+    sens = {L.name: {b: sens.get(L.name, {}).get(b, 0.0 if b == 32 else np.inf) for b in cands[L.name]} for L in layers}
+    for d in sens.values():
+        for b in list(d):
+            if not np.isfinite(d[b]):
+                d[b] = 1e6  # unmeasured: effectively forbidden
+    return sens
 
 
 def _hist(bits: dict[str, int]) -> dict[str, int]:

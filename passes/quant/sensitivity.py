@@ -93,7 +93,7 @@ def measure_sensitivity(model: onnx.ModelProto, layers: list[Layer], candidates:
             d = [output_distance(run_session(sess, f), r, metric) for f, r in zip(feeds, refs)]
             out[L.name][b] = float(np.mean(d))
             done += 1
-            if progress and done % 20 == 0:
+            if progress:  # once per trial (a progress bar's tick); its -v detail line is the caller's choice
                 progress(f"sensitivity {done}/{total}")
     if path is not None:
         os.makedirs(path.parent, exist_ok=True)
