@@ -193,3 +193,45 @@ class SimCudart:
         r = self._call("cudaEventDestroy", a)
         self._events.pop(int(a[0]), None)
         return r
+
+
+RUNNER_CALLS = ("cudaGetDeviceCount", "cudaGetDeviceProperties", "cudaMemGetInfo", "cudaMalloc", "cudaFree",
+                "cudaMemcpy", "cudaMemcpyAsync", "cudaStreamCreate", "cudaStreamSynchronize", "cudaStreamDestroy",
+                "cudaEventCreate", "cudaEventRecord", "cudaEventSynchronize", "cudaEventElapsedTime",
+                "cudaEventDestroy")
+
+
+def exercise_runner_cuda(cuda_cls, real) -> dict:
+    """Drive every method of the runner's Cuda wrapper over SimCudart bound to `real` (a cudart module):
+    each call is checked against the real signature and return arity. Returns {"calls": [...], "version": ...}."""
+    import numpy as np
+
+    sim = SimCudart(SimDevice(), real)
+    c = cuda_cls(sim)
+    assert c.device_count() == 1 and c.device_name() == "Orin (fake)"
+    free, total = c.mem_info()
+    assert 0 < free <= total
+    a = np.arange(12, dtype=np.float32)
+    p, q = c.malloc(a.nbytes), c.malloc(a.nbytes)
+    c.h2d(p, a)
+    s = c.stream()
+    c.d2d(q, p, a.nbytes)
+    c.d2d_async(p, q, a.nbytes, s)
+    b = np.empty_like(a)
+    c.d2h(b, p)
+    assert np.array_equal(a, b)
+    e1, e2 = c.event(), c.event()
+    c.record(e1, s)
+    c.record(e2, s)
+    assert c.elapsed_ms(e1, e2) >= 0
+    c.stream_sync(s)
+    for e in (e1, e2):
+        c.event_destroy(e)
+    c.stream_destroy(s)
+    c.free(p)
+    c.free(q)
+    missing = set(RUNNER_CALLS) - set(sim.calls)
+    assert not missing, missing
+    import cuda.bindings
+
+    return {"calls": sorted(set(sim.calls)), "version": getattr(cuda.bindings, "__version__", "?")}
