@@ -264,3 +264,130 @@ def test_report_is_json_serializable():
 
     d = check_graph(_conv_int8(act_zp=1)).as_dict()
     assert json.loads(json.dumps(d))["passed"] is False
+
+
+# ---------------------------------------------------------------- issue 13 rules: each passes and fails
+
+def _w_dq(*, axis="keep", scale_n=16, opset=21, w_shape=(16, 16, 1, 1), cast_scale=False):
+    """x -> Conv(DQ(int8 W, per-channel scale)) -> y, with the DQ's axis / scale count / opset varied."""
+    inits = [_init("wq", rng.integers(-127, 127, size=w_shape).astype(np.int8)),
+             _init("w_s", np.full(scale_n, 0.01, np.float32))]
+    nodes = []
+    s_name = "w_s"
+    if cast_scale:  # the scale computed through Constant -> Cast: still a build-time constant
+        inits = inits[:1]
+        nodes.append(helper.make_node("Constant", [], ["s16"], name="s_const",
+                                      value=numpy_helper.from_array(np.full(scale_n, 0.01, np.float16))))
+        nodes.append(helper.make_node("Cast", ["s16"], ["s32"], name="s_cast", to=T.FLOAT))
+        s_name = "s32"
+    kw = {} if axis is None else {"axis": 0 if axis == "keep" else axis}
+    nodes += [helper.make_node("DequantizeLinear", ["wq", s_name], ["w"], name="w_dq", **kw),
+              helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 16, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, None)], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_qdq_axis_explicit_passes_missing_fails():
+    assert not _rule_errors(_w_dq(), "qdq-axis")
+    errs = _rule_errors(_w_dq(axis=None, w_shape=(16, 16, 1, 1)), "qdq-axis")
+    assert [e.node for e in errs] == ["w_dq"] and "parser assumes axis 0" in errs[0].message
+
+
+def test_qdq_scale_count_matches_axis_size():
+    assert not _rule_errors(_w_dq(), "qdq-scale-count")
+    errs = _rule_errors(_w_dq(scale_n=8, w_shape=(16, 8, 1, 1)), "qdq-scale-count")  # 8 scales, axis 0 has 16
+    assert [e.node for e in errs] == ["w_dq"] and "8 scales for axis 0" in errs[0].message
+
+
+def test_qdq_opset_per_channel_needs_13():
+    assert not _rule_errors(_w_dq(opset=13), "qdq-opset")
+    errs = _rule_errors(_w_dq(opset=12), "qdq-opset")
+    assert errs and "opset >= 13" in errs[0].message
+
+
+def test_block_wise_needs_opset_21():
+    assert not _rule_errors(_matmul_int4(), "qdq-opset")
+    m = _matmul_int4()
+    m.opset_import[0].version = 20
+    assert any("opset >= 21" in e.message for e in _rule_errors(m, "qdq-opset"))
+
+
+def test_constant_cast_scale_is_a_constant():
+    """Constant -> Cast is folded by TensorRT: the scale is a build-time constant (it was flagged before)."""
+    rep = check_graph(_w_dq(cast_scale=True))
+    assert rep.passed, rep.errors
+    assert rep.checked["qdq-zero-point"] == 1
+
+
+def _q_fp16(scale_dtype, dq_scale_dtype=None, opset=21):
+    sd = np.float16 if scale_dtype == T.FLOAT16 else np.float32
+    dd = np.float16 if (dq_scale_dtype or scale_dtype) == T.FLOAT16 else np.float32
+    inits = [_init("s", np.asarray(0.02, sd)), _init("s2", np.asarray(0.02, dd)), _init("zp", np.int8(0))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s2", "zp"], ["y"], name="dq")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT16, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT16 if dd == np.float16 else T.FLOAT, [1, 4])],
+                          initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_qdq_scale_dtype_matches_input():
+    assert not _rule_errors(_q_fp16(T.FLOAT16), "qdq-scale-dtype")
+    errs = _rule_errors(_q_fp16(T.FLOAT, T.FLOAT16), "qdq-scale-dtype")
+    assert [e.node for e in errs] == ["q"] and "FLOAT, input 'x' is FLOAT16" in errs[0].message
+    errs = _rule_errors(_q_fp16(T.FLOAT16, T.FLOAT), "qdq-scale-dtype")
+    assert [e.node for e in errs] == ["dq"]
+
+
+def test_int4_weight_needs_even_last_dim():
+    assert not _rule_errors(_matmul_int4(), "int4-shape")
+    k, n = 32, 15
+    wq = helper.make_tensor("wq", T.INT4, [k, n], rng.integers(-8, 7, size=k * n).tolist())
+    s = _init("s", np.full((k // 16, n), 0.01, np.float32))
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "s"], ["w"], name="w_dq4", axis=0, block_size=16),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    errs = _rule_errors(_model(nodes, [wq, s], x_shape=(4, k)), "int4-shape")
+    assert [e.node for e in errs] == ["w_dq4"] and "[32, 15]" in errs[0].message
+
+
+def test_uint8_only_at_network_io():
+    ok = _model([helper.make_node("Cast", ["x"], ["y"], name="c", to=T.FLOAT)], [], x_type=T.UINT8, x_shape=(1, 4))
+    assert not _rule_errors(ok, "uint8-io")
+    bad = _model([helper.make_node("Cast", ["x"], ["u"], name="to_u8", to=T.UINT8),
+                  helper.make_node("Cast", ["u"], ["y"], name="back", to=T.FLOAT)], [], x_shape=(1, 4),
+                 vis=[helper.make_tensor_value_info("u", T.UINT8, None)])
+    errs = _rule_errors(bad, "uint8-io")
+    assert [e.node for e in errs] == ["to_u8"]
+
+
+def _fp8_model():
+    inits = [_init("s", np.float32(0.02)), numpy_helper.from_array(np.zeros((), np.float32), "zpf")]
+    zp = helper.make_tensor("zp8", T.FLOAT8E4M3FN, [], [0.0])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp8"], ["xq"], name="q8"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp8"], ["y"], name="dq8")]
+    return _model(nodes, inits[:1] + [zp], x_shape=(1, 4), y_shape=[1, 4])
+
+
+@pytest.mark.parametrize("device,level", [("orin", "error"), ("sm_87", "error"), ("ada", None), ("sm_90", None),
+                                          (None, "warning")])
+def test_fp8_judged_per_device(device, level):
+    """Jetson Orin (SM 8.7) has no FP8: an error there; fine on Ada/Hopper; a warning when no device is named."""
+    rep = check_graph(_fp8_model(), device=device)
+    got = {f.severity for f in rep.findings if f.rule == "device-precision"}
+    assert got == ({level} if level else set())
+    if level == "error":
+        assert "SM >= 8.9" in [f for f in rep.errors if f.rule == "device-precision"][0].message
+
+
+def test_bf16_needs_ampere():
+    m = _model([helper.make_node("Cast", ["x"], ["h"], name="to_bf16", to=T.BFLOAT16),
+                helper.make_node("Cast", ["h"], ["y"], name="back", to=T.FLOAT)], [],
+               vis=[helper.make_tensor_value_info("h", T.BFLOAT16, None)])
+    assert not _rule_errors(m, "device-precision") and check_graph(m, device="orin").passed
+    assert [e.node for e in check_graph(m, device="xavier").errors] == ["to_bf16"]
+
+
+def test_unknown_device_is_a_user_error():
+    with pytest.raises(EdgecError, match="unknown TensorRT device"):
+        check_graph(_conv_int8(), device="tpu")
