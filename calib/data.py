@@ -413,10 +413,16 @@ class Splits:
 
 
 def load_data(source: str | None, inputs: list[InputInfo], pre: Preprocess, *, n_fit: int = 64,
-              n_validate: int = 64, n_eval: int = 128, seed: int = 0) -> Splits:
-    """Resolve `--data` into disjoint fit / validate / eval splits for the model's inputs."""
+              n_validate: int = 64, n_eval: int = 128, seed: int = 0, values: dict[str, str] | None = None) -> Splits:
+    """Resolve `--data` into disjoint fit / validate / eval splits for the model's inputs. Per-input-name data (a
+    per-name .npz, --input-value constants, control inputs) is calib.inputs' (`values`: {input: --input-value})."""
     if min(n_fit, n_validate, n_eval) <= 0:
         raise EdgecError(f"fit, validate and eval counts must be positive (got {n_fit}, {n_validate}, {n_eval})")
+    from edgec.calib.inputs import named_data
+
+    named = named_data(source, inputs, pre, values, n_fit=n_fit, n_validate=n_validate, n_eval=n_eval, seed=seed)
+    if named is not None:
+        return named
     src = (source or "bundled").strip()
     if src == "synthetic" or (src == "bundled" and (len(inputs) != 1 or not is_image_input(inputs[0], pre))):
         if src == "bundled":
@@ -447,7 +453,8 @@ def load_data(source: str | None, inputs: list[InputInfo], pre: Preprocess, *, n
 
 
 def load_splits(source: str | None, inputs: list[InputInfo], pre: Preprocess, *, n_calib: int = 64,
-                n_eval: int = 128, seed: int = 0) -> tuple[DataSplit, DataSplit]:
+                n_eval: int = 128, seed: int = 0, values: dict[str, str] | None = None) -> tuple[DataSplit, DataSplit]:
     """(fit, eval) of load_data, for callers that do not gate decisions on a validate split."""
-    s = load_data(source, inputs, pre, n_fit=n_calib, n_validate=max(n_calib // 2, 1), n_eval=n_eval, seed=seed)
+    s = load_data(source, inputs, pre, n_fit=n_calib, n_validate=max(n_calib // 2, 1), n_eval=n_eval, seed=seed,
+                  values=values)
     return s.fit, s.eval
