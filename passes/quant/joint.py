@@ -13,6 +13,9 @@ channel removal + recovery), b = bits per layer of the pruned model.
                chromosome [p gene | one 2-bit gene per layer in (8, 4, 3, 2)]; bits are repaired into the budget
                by promoting-free greedy demotion of the least sensitive layers; fitness = measured agreement
                minus a penalty when over budget. Seeded with the alternating search's best.
+Dialect: the target's (ctx.quant_dialect, ORT CPU when none): a layer's candidate bits are BITS within the
+dialect's allowed_bits, and below 8 only on the dialect's int4 ops (TensorRT: int8 everywhere, int4 only on
+Gemm/MatMul weights; ORT CPU: also Conv and 3/2 bits).
 Floor: `min_top1_agreement` / `max_accuracy_drop`; a model below it is never returned. When no candidate meets
 both the budget and the floor, the best floor-meeting candidate over budget is returned and the stats say so;
 when none meets the floor at all, the input model is returned unchanged.
@@ -29,7 +32,7 @@ import onnx
 from edgec.passes.base import PassContext, PassResult, get_pass, make_options, register_pass
 from edgec.passes.floor import FloorSpec, OutputFloor
 from edgec.passes.quant import allocate
-from edgec.passes.quant.dialect import ORT_CPU
+from edgec.passes.quant.dialect import ORT_CPU, QuantDialect
 from edgec.passes.quant.qdq import find_layers, insert_qdq, weight_bits
 from edgec.passes.quant.sensitivity import measure_sensitivity
 from edgec.core.errors import EdgecError
@@ -67,6 +70,12 @@ def _wbits(model: onnx.ModelProto, bits: dict[str, int]) -> float:
     return float(sum(weight_bits(find_layers(model), bits).values()))
 
 
+def layer_bits(layer, dialect: QuantDialect) -> list[int]:
+    """The bits joint_compress may give `layer` under `dialect` (descending; never empty: 8 is always allowed)."""
+    low_ok = layer.op in dialect.int4_ops or (layer.op == "Conv" and dialect.int4_conv)
+    return [b for b in BITS if b in dialect.allowed_bits and (b >= 8 or low_ok)] or [8]
+
+
 def _score(m: dict) -> float:
     return m.get("accuracy", m["top1_agreement"] * 100) if "accuracy" in m else m["top1_agreement"]
 
@@ -76,7 +85,7 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
     """min_{p, b} -fidelity s.t. sum_l bits_l(b_l; pruned at p) <= B and fidelity >= floor (alternating / GA)."""
     if opts.max_accuracy_drop is not None and ctx.calib_labels is None:
         raise EdgecError("max_accuracy_drop needs labelled calibration data")
-    dialect = ORT_CPU
+    dialect = ctx.quant_dialect or ORT_CPU
     layers0 = find_layers(model)
     params0 = sum(L.params for L in layers0)
     budget = opts.target_bits_per_weight * params0 if opts.target_bits_per_weight is not None else opts.target_size_bytes * 8.0
@@ -95,7 +104,7 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
                 po = make_options(spec, {**(opts.prune_options or {}), "target_params": p})
                 pm_ = spec.fn(model, ctx, po).model
             L = find_layers(pm_)
-            cands = {l.name: list(BITS) for l in L}
+            cands = {l.name: layer_bits(l, dialect) for l in L}
             sens = measure_sensitivity(pm_, L, cands, {}, dialect, sfeeds, cache_dir=ctx.cache_dir, weight_only=True)
             pruned_cache[p] = (pm_, L, sens)
         return pruned_cache[p]
@@ -113,10 +122,10 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
         except EdgecError as e:
             history.append({"keep": p, "error": str(e)})
             continue
-        cost = {l.name: {b: weight_bits([l], {l.name: b})[l.name] for b in BITS} for l in L}
+        cost = {l.name: {b: weight_bits([l], {l.name: b})[l.name] for b in layer_bits(l, dialect)} for l in L}
         if allocate.min_cost(cost, sens) > budget:
             history.append({"keep": p, "skipped": "budget below the smallest achievable at this pruning"})
-            cands_out.append((p, {l.name: min(BITS) for l in L}))
+            cands_out.append((p, {l.name: min(layer_bits(l, dialect)) for l in L}))
             continue
         sol = allocate.solve(sens, cost, budget, what="bits")
         cands_out.append((p, sol.bits))
@@ -129,7 +138,7 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
         history.append({k: v for k, v in results[-1].items() if k != "bits"})
 
     if opts.search == "ga":
-        results += _ga(opts, ctx, budget, params0, pruned, build, ev, results)
+        results += _ga(opts, ctx, budget, params0, pruned, build, ev, results, dialect)
 
     ok_both = [r for r in results if r["within_budget"] and ev.ok(r)]
     stats: dict = {"budget_bits": budget, "search": opts.search, "history": history,
@@ -153,7 +162,7 @@ def joint_compress(model: onnx.ModelProto, ctx: PassContext, opts: JointOptions)
     return PassResult(qm, True, stats)
 
 
-def _ga(opts, ctx, budget, params0, pruned, build, ev, seeds):
+def _ga(opts, ctx, budget, params0, pruned, build, ev, seeds, dialect=ORT_CPU):
     """GA over [keep-ratio gene | 2-bit gene per layer], with the GA pruning-rate search's operators (binary
     genes, single-point crossover, bit-flip mutation, roulette selection; passes/prune/allocate.py)."""
     from edgec.passes.prune.allocate import crossover, mutate, roulette
@@ -171,14 +180,17 @@ def _ga(opts, ctx, budget, params0, pruned, build, ev, seeds):
 
     def repair(p, bits):
         pm_, L, sens = pruned(p)
-        bits = {l.name: bits.get(l.name, 8) for l in L}
+        allowed = {l.name: layer_bits(l, dialect) for l in L}
+        # a gene's bits, snapped to the nearest allowed width at or above it (8 is always allowed)
+        bits = {l.name: min((b for b in allowed[l.name] if b >= bits.get(l.name, 8)), default=8) for l in L}
         wb = _wbits(pm_, bits)
-        order = sorted(L, key=lambda l: sens[l.name].get(2, 0.0))
+        order = sorted(L, key=lambda l: sens[l.name].get(min(allowed[l.name]), 0.0))
         for l in itertools.cycle(order):
-            if wb <= budget or all(bits[x.name] == 2 for x in L):
+            if wb <= budget or all(bits[x.name] == min(allowed[x.name]) for x in L):
                 break
-            if bits[l.name] > 2:
-                bits[l.name] = BITS[BITS.index(bits[l.name]) + 1]
+            lower = [b for b in allowed[l.name] if b < bits[l.name]]
+            if lower:
+                bits[l.name] = max(lower)
                 wb = _wbits(pm_, bits)
         return bits
 
