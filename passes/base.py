@@ -1,8 +1,11 @@
-"""Pass infrastructure: a pass is `run(model, ctx, options) -> PassResult(model, modified, stats)`.
+"""Pass infrastructure: a pass maps (model, ctx, options) -> PassResult(model, modified, typed stats).
 
-A pass is registered with a frozen options dataclass; recipes are validated against those fields,
-so an unknown key is an error before anything runs. `exact=True` declares that the pass must not
-change the model's outputs (checked by the runner at 1e-4 relative).
+Two ways to write one, one contract (`Pass`): a class registered with `@register_pass_class` (Options as a frozen
+dataclass, `exact` and `in_place` flags, `requires` / `ensures` checks, `call`), or a function registered with
+`@register_pass(name, options=..., exact=...)`, which the registry wraps in `FunctionPass`. The runner runs both
+through `run_pass` (requires -> a private copy when in place -> call -> ensures). Recipes are validated against
+the Options fields, so an unknown key is an error before anything runs. `exact=True` declares that the pass must
+not change the model's outputs (checked by the runner against its exact tolerance after every pass).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -21,11 +24,46 @@ from edgec.core.progress import Progress, as_progress
 log = logging.getLogger(__name__)
 
 
+# typed slot -> the stats key the report has always read for it
+_SLOT_KEYS = {"floor": "floor", "region": "postprocess"}
+
+
 @dataclass
 class PassResult:
+    """What a pass returns. Typed slots: `floor` (the fidelity floor's outcome, passes/floor.py), `region` (the
+    decode / post-processing region left float, passes/regions.py), `plots` ({name: PNG path}; the pipeline copies
+    each into the artifact), `extra` (everything else the report shows for this pass).
+
+    `stats` is the serialized view the report reads (StageRecord.stats -> report.json): at construction the typed
+    slots are written into it under the report's keys ("floor", "postprocess", "<name>_png", extra keys), and a
+    function pass that fills `stats` directly has its slots lifted from those keys, so both views agree."""
+
     model: onnx.ModelProto
     modified: bool = True
     stats: dict[str, Any] = field(default_factory=dict)
+    floor: dict[str, Any] | None = None
+    region: dict[str, Any] | None = None
+    plots: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        st = self.stats
+        if self.floor is None and isinstance(st.get("floor"), dict):
+            self.floor = st["floor"]
+        if self.region is None and isinstance(st.get("postprocess"), dict):
+            self.region = st["postprocess"]
+        for k, v in st.items():
+            if k.endswith("_png") and isinstance(v, str):
+                self.plots.setdefault(k[:-4], v)
+            elif k not in _SLOT_KEYS.values():
+                self.extra.setdefault(k, v)
+        for slot, key in _SLOT_KEYS.items():
+            if getattr(self, slot) is not None:
+                st[key] = getattr(self, slot)
+        for name, path in self.plots.items():
+            st[f"{name}_png"] = path
+        for k, v in self.extra.items():
+            st.setdefault(k, v)
 
 
 @dataclass
@@ -91,29 +129,130 @@ class NoOptions:
     pass
 
 
+class Pass:
+    """A pass: ONNX -> ONNX under declared options, exactness and in-place behaviour. Subclass it:
+
+        @register_pass_class
+        class DropIdentity(Pass):
+            '''Identity nodes removed; each consumer reads the Identity's input (exact).'''
+            name = "drop_identity"
+            exact = True
+            in_place = True
+
+            @dataclass(frozen=True)
+            class Options:
+                keep_graph_outputs: bool = True
+
+            def ensures(self, model):
+                if any(n.op_type == "Identity" for n in model.graph.node): raise EdgecError("Identity left")
+
+            def call(self, model, ctx, opts) -> PassResult: ...
+
+    The contract (run_pass; the runner calls it for every step):
+      requires(model, ctx): raise EdgecError (one line) when the pass cannot run on this model or context.
+      call(model, ctx, opts) -> PassResult: the transform. in_place=False: it must not mutate `model` (it may return
+          it unchanged). in_place=True: it may edit `model` and return it; run_pass hands it a private copy, so no
+          pass copies defensively.
+      ensures(model): raise EdgecError when the output breaks the pass's postcondition.
+      exact: the outputs stay equal to the input's (the runner checks this after every pass).
+    The docstring's first line states the pass's math or rule (`python -m pipeline passes` prints it).
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    exact: ClassVar[bool] = False
+    in_place: ClassVar[bool] = False
+
+    def requires(self, model: onnx.ModelProto, ctx: PassContext) -> None:
+        return None
+
+    def ensures(self, model: onnx.ModelProto) -> None:
+        return None
+
+    def call(self, model: onnx.ModelProto, ctx: PassContext, opts: Any) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, model: onnx.ModelProto, ctx: PassContext, opts: Any) -> PassResult:
+        return run_pass(self, model, ctx, opts)
+
+
+class FunctionPass(Pass):
+    """A `@register_pass` function seen through the Pass contract: no requires/ensures, not in place (a function
+    pass copies what it edits itself)."""
+
+    def __init__(self, fn: Callable[[onnx.ModelProto, PassContext, Any], PassResult], name: str, options: type,
+                 exact: bool):
+        self.fn, self.name, self.Options, self.exact = fn, name, options, exact
+
+    def call(self, model: onnx.ModelProto, ctx: PassContext, opts: Any) -> PassResult:
+        return self.fn(model, ctx, opts)
+
+
+def run_pass(p: Pass, model: onnx.ModelProto, ctx: PassContext, opts: Any) -> PassResult:
+    """requires -> (a private copy for an in-place pass) -> call -> ensures."""
+    p.requires(model, ctx)
+    if p.in_place:
+        own = onnx.ModelProto()
+        own.CopyFrom(model)
+        model = own
+    res = p.call(model, ctx, opts)
+    if not isinstance(res, PassResult):
+        raise TypeError(f"pass {p.name!r} returned {type(res).__name__}, not PassResult")
+    p.ensures(res.model)
+    return res
+
+
 @dataclass(frozen=True)
 class PassSpec:
     name: str
-    fn: Callable[[onnx.ModelProto, PassContext, Any], PassResult]
+    fn: Callable[[onnx.ModelProto, PassContext, Any], PassResult]  # the function, or the Pass instance (callable)
     options: type
     exact: bool
     doc: str
+    impl: Pass | None = None  # the contract the runner runs (a FunctionPass adapter for function passes)
+    in_place: bool = False
+
+    def __post_init__(self) -> None:
+        # a function pass's adapter follows `fn` (also through dataclasses.replace(spec, fn=...))
+        if self.impl is None or (isinstance(self.impl, FunctionPass) and self.impl.fn is not self.fn):
+            object.__setattr__(self, "impl", FunctionPass(self.fn, self.name, self.options, self.exact))
 
 
 _REGISTRY: dict[str, PassSpec] = {}
 
 
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
 def register_pass(name: str, *, options: type = NoOptions, exact: bool = False):
-    """Decorator registering `fn(model, ctx, opts) -> PassResult` under `name`."""
+    """Decorator registering `fn(model, ctx, opts) -> PassResult` under `name` (seen as a FunctionPass)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"pass {name!r} registered twice")
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = PassSpec(name=name, fn=fn, options=options, exact=exact, doc=doc)
+        _REGISTRY[name] = PassSpec(name=name, fn=fn, options=options, exact=exact, doc=_first_line(fn.__doc__))
         return fn
 
     return deco
+
+
+def register_pass_class(cls: type[Pass]) -> type[Pass]:
+    """Class decorator registering a Pass subclass under `cls.name`; its Options must be a frozen dataclass and its
+    docstring must state the rule."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
+        raise ValueError(f"{cls!r} is not a Pass subclass with a name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"pass {cls.name!r} registered twice")
+    opts = cls.Options
+    if not (dataclasses.is_dataclass(opts) and opts.__dataclass_params__.frozen):
+        raise ValueError(f"pass {cls.name!r}: Options must be a frozen dataclass")
+    if not _first_line(cls.__doc__):
+        raise ValueError(f"pass {cls.name!r}: the docstring's first line must state the pass's rule")
+    inst = cls()
+    _REGISTRY[cls.name] = PassSpec(name=cls.name, fn=inst, options=opts, exact=cls.exact, doc=_first_line(cls.__doc__),
+                                   impl=inst, in_place=cls.in_place)
+    return cls
 
 
 def _load_all() -> None:

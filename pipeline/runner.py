@@ -1,5 +1,8 @@
 """Runs a recipe's passes and checks the model after every one.
 
+Each pass runs through its contract (passes/base.py run_pass): requires(model, ctx) before, a private copy when
+it declares in_place, ensures(model) after; a broken contract stops the run with PassFailed like any pass error.
+
 After each pass: the ONNX checker and strict shape inference pass; ONNX Runtime (graph optimizations off)
 runs the model on calibration inputs; the error against the previous stage and against the original is
 recorded. A pass declared exact must stay within tol = min(max(1e-4, 8 x noise), 1e-2) of its input
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from edgec.passes.base import PassContext, get_pass, options_dict
+from edgec.passes.base import PassContext, get_pass, options_dict, run_pass
 from edgec.passes.costs import count_costs
 from edgec.core.errors import EdgecError, PassFailed
 from edgec.core.fidelity import Comparator, max_rel
@@ -99,7 +102,7 @@ def run_recipe(model: onnx.ModelProto, recipe: Recipe, ctx: PassContext, *, veri
             _refuse_requantization(result.model, step.name)
         t0 = time.perf_counter()
         try:
-            res = spec.fn(result.model, ctx, step.options)
+            res = run_pass(spec.impl, result.model, ctx, step.options)  # requires -> call -> ensures (passes/base.py)
         except EdgecError as e:
             raise PassFailed(step.name, str(e), tuple(ran)) from None
         except Exception as e:  # a bug or unsupported graph inside the pass
