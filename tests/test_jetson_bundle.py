@@ -517,3 +517,21 @@ def test_cli_compile_target_jetson_writes_the_bundle(tmp_path, run_cli):
         assert log.count("engine build deferred to the device") == 1 and f"bundle: {out}" in log
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == "jetson" and report["target_build"]["reference_samples"] == 8
+
+
+def test_bundle_writer_lints_trtexec_with_trtexec_10_3_flags():
+    """The flag list the writer lints with is trtexec 10.3's (the copy next to the API tables)."""
+    from edgec.targets.jetson.trtexec_lint import FLAGS_FILE, lint_text
+    from edgec.testing.fake_tensorrt import API_DIR
+
+    assert FLAGS_FILE.read_text() == (API_DIR / "trtexec-10.3-flags.txt").read_text()
+    assert lint_text('"$TRTEXEC" --onnx=m.onnx --stronglyTyped --useDLACore=0\n', static=True)
+    assert lint_text('"$TRTEXEC" --onnx=m.onnx --fp16 --useDLACore=0 --allowGPUFallback\n', static=True) == []
+
+
+def test_bundle_writer_refuses_a_trtexec_line_trtexec_would_refuse(tmp_path, monkeypatch):
+    from edgec.targets.jetson import bundle as B
+
+    monkeypatch.setattr(B, "trtexec_precision", lambda settings, quantized: ("--stronglyTyped", "old bug 1"))
+    with pytest.raises(RuntimeError, match="--stronglyTyped with --useDLACore"):
+        build_bundle(tmp_path, extra={"dla_core": 0})

@@ -121,11 +121,16 @@ def write_trtexec(outdir: Path, settings: dict, ctx, *, quantized: bool | None =
     if dla is not None:
         dla_flags = f" --useDLACore={int(dla)}" + (" --allowGPUFallback" if settings.get("gpu_fallback", True) else "")
         dla_load = f" --useDLACore={int(dla)}"
+    from edgec.targets.jetson.trtexec_lint import is_static, lint_text
+
     text = string.Template((TEMPLATES / "trtexec.sh.in").read_text()).substitute(
         model=ctx.model_name, precision=precision, precision_note=note, workspace_mb=int(settings["workspace_mb"]),
         opt_level=int(settings["opt_level"]), shape_flags=_shape_flags(profile, load=False), dla_flags=dla_flags,
         bench_shape_flags=_shape_flags(profile, load=True),
         dla_load_flags=dla_load, runs=max(int(ctx.runs), 200), warmup_ms=500)
+    problems = lint_text(text, is_static(model))
+    if problems:  # an edgec bug: the device would fail on this line
+        raise RuntimeError("edgec wrote a trtexec.sh that trtexec 10.3 would refuse: " + "; ".join(problems))
     _write_text(outdir / "trtexec.sh", text, 0o755)
     return "trtexec.sh"
 
