@@ -289,6 +289,40 @@ def ort_quantized_export(arch: str = "resnet18", *, hw: int = 64, seed: int = 0,
                       traits=("already_quantized",))
 
 
+def deep_bn_export(*, depth: int = 60, width: int = 16, hw: int = 32, seed: int = 2) -> RealExport:
+    """A deep plain CNN (Conv -> BatchNorm -> ReLU x depth) exported with BatchNorm kept (TorchScript, training mode
+    PRESERVE, no constant folding) and wide BN statistics: folding its BatchNorms is correct yet drifts ~3e-4
+    relative in fp32 -- the rounding a deep real network (a 100-layer detector) shows."""
+    import torch
+    from torch import nn
+
+    key = f"deepbn-ts13-{depth}x{width}-{hw}-s{seed}"
+
+    def build(d: Path):
+        torch.manual_seed(seed)
+        layers: list = [nn.Conv2d(3, width, 3, padding=1)]
+        for _ in range(depth):
+            layers += [nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)]
+        m = nn.Sequential(*layers).eval()
+        g = torch.Generator().manual_seed(seed + 1)
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.randn(width, generator=g) * 0.5)
+                mod.running_var.copy_(torch.rand(width, generator=g) * 2 + 0.05)
+                mod.weight.data.copy_(torch.randn(width, generator=g) * 0.5 + 1.0)
+            elif isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, generator=g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m, (torch.randn(1, 3, hw, hw),), str(d / "model.onnx"), dynamo=False, opset_version=13,
+                              training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                              input_names=["x"], output_names=["y"])
+
+    path = _cached(key, build)
+    return RealExport(f"deepbn{depth}-ts13-{hw}", f"torch.onnx TorchScript opset 13, {depth} unfused BatchNorms",
+                      path, {"x": (1, 3, hw, hw)}, data="synthetic", kind="dense", traits=("deep", "unfused_bn"))
+
+
 # name -> (factory, small): small ones are what tests use; the bench runs them all.
 CORPUS: dict[str, tuple[Callable[[], RealExport], bool]] = {
     "resnet18-ts11-64": (lambda: vision_export("resnet18", opset=11, hw=64), True),
@@ -297,6 +331,7 @@ CORPUS: dict[str, tuple[Callable[[], RealExport], bool]] = {
     "token-ts17": (lambda: token_export(), True),
     "control-ts17": (lambda: control_export(), True),
     "resnet18-ort-dynamic-64": (lambda: ort_quantized_export("resnet18", hw=64), True),
+    "deepbn60-ts13-32": (lambda: deep_bn_export(), True),
     # bench-sized
     "resnet50-ts17-224": (lambda: vision_export("resnet50", opset=17, hw=224), False),
     "resnet18-dynamo20-224": (lambda: vision_export("resnet18", dynamo=True, opset=20, hw=224), False),
