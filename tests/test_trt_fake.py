@@ -330,3 +330,25 @@ def test_cuda_calls_match_cuda_python_12():
     assert res["version"].startswith("12.")
     ok, why = res["gpu_status"]
     assert ok or (why.startswith("no usable CUDA GPU (CUDA error cuda") and "\n" not in why)
+
+
+def test_parser_errors_name_the_node(fake, tmp_path):
+    from edgec.targets.tensorrt import builder as B
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"], name="ok_relu"),
+                           helper.make_node("NoSuchOp", ["a"], ["y"], name="mystery_node", domain="edgec.test")],
+                          "bad", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgec.test", 1)])
+    with pytest.raises(B.BuildError, match=r"node 'mystery_node' \(NoSuchOp\): No importer registered.*\[UNSUPPORTED_NODE\]"):
+        _build(tmp_path, m)
+
+
+def test_jetson_target_on_a_host_with_tensorrt_builds_and_benches(fake, tmp_path):
+    from edgec.targets import jetson
+
+    res = jetson.build(tiny_classifier(quantized=True), tmp_path, make_ctx())
+    assert res["deferred"] is False and {"model.engine", "baseline.engine"} <= set(res["artifacts"])
+    rep = jetson.bench(tmp_path, make_ctx())
+    assert rep["target"] == "jetson" and rep["speedup_vs_baseline_fp16"] > 0
+    assert rep["comparable_reason"] == "measured on the build host, not on a clock-locked Jetson"
