@@ -1,0 +1,110 @@
+"""The fidelity policy through the command line: prune.target_latency_ms works (compile gives the pass the target's
+latency probe); overlapping user splits are refused in one line; the report shows fit / validate / eval side by side;
+a digits CNN trained here, given as ONNX with labelled data, compiled with `default`, loses <= 1 point of held-out
+accuracy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import edgec.testing.prune_models as pm
+from edgec.pipeline.cli import main
+from edgec.pipeline.policy import PREPROCESS_KEY
+
+SMALL = ["--no-bench", "--threads", "1", "-q", "--calib-samples", "8", "--validate-samples", "8", "--eval-samples", "8"]
+
+
+def _one_line_error(err: str, needle: str):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgec: error: ") and needle in lines[0], err
+
+
+def test_prune_target_latency_through_cli(tmp_path):
+    p = tmp_path / "chain.onnx"
+    onnx.save(pm.chain(), p)
+    out = tmp_path / "o"
+    rc = main(["compile", "--model", str(p), "--recipe", "prune", "--set", "prune.target_macs=null",
+               "--set", "prune.target_latency_ms=1000", "--data", "synthetic", "--out", str(out), *SMALL])
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    lat = [s for s in r["passes"] if s["name"] == "prune"][0]["stats"]["latency_search"]
+    assert lat["base_ms"] > 0 and lat["target_ms"] == 1000 and lat["steps"] and lat["steps"][0]["ms"] > 0
+
+
+def test_overlapping_splits_refused_through_cli(tmp_path, capsys):
+    p = tmp_path / "chain.onnx"
+    onnx.save(pm.chain(), p)
+    r = np.random.default_rng(0)
+    parts = {k: r.standard_normal((8, 3, 8, 8)).astype(np.float32) for k in ("fit", "validate", "eval")}
+    parts["eval"][5] = parts["fit"][1]
+    d = tmp_path / "d.npz"
+    np.savez(d, **parts)
+    out = tmp_path / "o"
+    rc = main(["compile", "--model", str(p), "--recipe", "cleanup", "--data", str(d), "--out", str(out), *SMALL])
+    assert rc == 2 and not out.exists()
+    _one_line_error(capsys.readouterr().err, "of the eval split also appear in the fit split")
+
+
+def test_report_has_three_splits_and_preprocessing(tmp_path):
+    p = tmp_path / "chain.onnx"
+    onnx.save(pm.chain(), p)
+    out = tmp_path / "o"
+    rc = main(["compile", "--model", str(p), "--recipe", "quant", "--out", str(out), *SMALL])
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    assert {k: v["samples"] for k, v in r["fidelity_splits"].items()} == {"fit": 8, "validate": 8, "eval": 8}
+    assert r["data"]["disjointness"]["disjoint"] and "bundled photograph files" in r["data"]["disjointness"]["checked"]
+    meta = {x.key: x.value for x in onnx.load(out / "model.onnx").metadata_props}
+    pre = json.loads(meta[PREPROCESS_KEY])
+    assert pre == r["preprocess"] and pre["layout"] == "NCHW" and len(pre["mean"]) == 3
+    assert json.loads((out / "manifest.json").read_text())["preprocess"] == pre
+    md = (out / "report.md").read_text()
+    assert "| validate (decisions gated on it) | 8 |" in md and "verify set" not in md
+
+
+def test_mean_std_mismatch_with_model_metadata_warns(tmp_path, capsys):
+    m = pm.chain()
+    m.metadata_props.add(key=PREPROCESS_KEY, value=json.dumps(
+        {"applies": True, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "scale": 1 / 255, "layout": "NCHW"}))
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    rc = main(["compile", "--model", str(p), "--recipe", "cleanup", "--mean", "0.485,0.456,0.406",
+               "--out", str(tmp_path / "o"), *SMALL])
+    assert rc == 0
+    warn = [ln for ln in capsys.readouterr().err.splitlines() if PREPROCESS_KEY in ln]
+    assert len(warn) == 1 and "--mean 0.485,0.456,0.406 disagree" in warn[0]
+    r = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert r["preprocess"]["std"] == [0.5, 0.5, 0.5]  # the rest of the metadata is read back
+
+
+@pytest.mark.slow
+def test_digits_default_recipe_holds_accuracy(tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgec.testing.digits import make_digits_data, train, vgg_net
+
+    xtr, ytr, xte, yte = make_digits_data(0)
+    net = train(vgg_net(8), xtr, ytr, epochs=4, seed=0)
+    p = tmp_path / "digits.onnx"
+    torch.onnx.export(net, torch.zeros(1, 1, 32, 32), str(p), input_names=["input"], output_names=["logits"],
+                      dynamo=False)
+    d = tmp_path / "digits.npz"
+    np.savez(d, fit=xtr[:128], fit_labels=ytr[:128], validate=xte[:150], validate_labels=yte[:150],
+             eval=xte[150:], eval_labels=yte[150:])
+    out = tmp_path / "o"
+    rc = main(["compile", "--model", str(p), "--recipe", "default", "--data", str(d), "--out", str(out),
+               "--no-bench", "--threads", "1", "-q", "--calib-samples", "128", "--validate-samples", "150",
+               "--eval-samples", "400"])
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    ev = r["fidelity_splits"]["eval"]
+    assert ev["samples"] == len(xte) - 150
+    s = ev["summary"]
+    assert s["reference_accuracy"] > 0.9
+    assert 100 * (s["reference_accuracy"] - s["accuracy"]) <= 1.0
+    assert r["fidelity_policy"]["met"]
+    # something was compressed: int8 weights (the size) and/or fewer MACs
+    c0, c1 = r["costs"]["original"], r["costs"]["final"]
+    assert c1["model_bytes"] < 0.5 * c0["model_bytes"] or c1["macs"] < 0.9 * c0["macs"]
