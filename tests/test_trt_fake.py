@@ -352,3 +352,39 @@ def test_jetson_target_on_a_host_with_tensorrt_builds_and_benches(fake, tmp_path
     rep = jetson.bench(tmp_path, make_ctx())
     assert rep["target"] == "jetson" and rep["speedup_vs_baseline_fp16"] > 0
     assert rep["comparable_reason"] == "measured on the build host, not on a clock-locked Jetson"
+
+
+def _full_flow(tmp_path):
+    """Every build and run path edgec has: strong, weak FP16, DLA, dynamic profile, foreign cache, run."""
+    from edgec.targets.tensorrt.runner import run_engine
+
+    (tmp_path / "m.timing.cache").write_bytes(b"not a cache")
+    _build(tmp_path, tiny_classifier(quantized=False))
+    _build(tmp_path, tiny_classifier(quantized=True), dla_core=0)
+    _build(tmp_path, _dynamic(tiny_classifier(quantized=True)), shapes={"x": ((1, 3, 16, 16), (2, 3, 16, 16), (2, 3, 16, 16))})
+    run_engine(str(tmp_path / "m.engine"), [{"x": _x(2)}], runs=200, warmup=1)
+
+
+@pytest.mark.slow
+def test_every_tensorrt_name_edgec_uses_is_checked(fake, tmp_path, monkeypatch):
+    """Remove any one name edgec touches from the table (= edgec calling a name TensorRT lacks): the flow fails.
+
+    The one exception is device_memory_size_v2, which the runner reads with a fallback to device_memory_size
+    (TensorRT < 10.1) by design."""
+    _full_flow(tmp_path)
+    used = sorted(fake.fake.accessed)
+    assert ("IBuilderConfig", "set_timing_cache") in used and ("IExecutionContext", "execute_async_v3") in used
+    tolerant = {("ICudaEngine", "device_memory_size_v2")}
+    survived = []
+    for cls, name in used:
+        table = fake.fake.api["classes"]
+        saved = table[cls]
+        table[cls] = {k: v for k, v in saved.items() if k != name}
+        try:
+            _full_flow(tmp_path)
+            survived.append((cls, name))
+        except Exception:  # noqa: BLE001 -- any failure shows the name is load-bearing
+            pass
+        finally:
+            table[cls] = saved
+    assert set(survived) == tolerant & set(used), survived

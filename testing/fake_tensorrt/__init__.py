@@ -89,6 +89,7 @@ class FakeState:
     gaps: tuple
     behavior: Behavior = field(default_factory=Behavior)
     log: list = field(default_factory=list)        # ("event", details) in call order
+    accessed: set = field(default_factory=set)     # (class, member) of every public attribute read
     device: object = None                          # testing.fake_tensorrt.cuda.SimDevice, for execution
 
     def record(self, event, **kw):
@@ -134,6 +135,7 @@ class Strict:
         members = st.api["classes"].get(cls._TRT, {})
         if name not in members:
             raise AttributeError(f"'tensorrt.{cls._TRT}' object has no attribute '{name}' (TensorRT {st.version})")
+        st.accessed.add((cls._TRT, name))
         try:
             value = object.__getattribute__(self, name)
         except AttributeError:
