@@ -153,6 +153,7 @@ class Strict:
             raise AttributeError(f"'tensorrt.{cls._TRT}' object has no attribute '{name}'")
         if m["kind"] not in ("def_property", "def_readwrite"):
             raise AttributeError(f"can't set attribute '{name}' of tensorrt.{cls._TRT} ({m['kind']})")
+        cls._state.accessed.add((cls._TRT, name))
         setter = getattr(type(self), "_set_" + name, None)
         if setter is not None:
             setter(self, value)
