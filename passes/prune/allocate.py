@@ -17,8 +17,9 @@
 
 Rounding: a group's alignment is the least common multiple of every constraint on it, u = lcm(round_to, align)
 (align: the grouped-conv block structure from the dependency analysis, graph.py). Kept counts are multiples of u,
-never 0, at most n_g (n_g itself is always valid). When u exceeds n_g, the target's round_to yields and u = align
-(the nearest feasible counts); a group whose grid has no count below n_g is kept whole (`alignment_note` says why).
+never 0, at most n_g (n_g itself is always valid). When a grouped-conv group's u leaves no count below n_g, the
+target's round_to yields and u = align (the nearest feasible counts); a group with no valid count below n_g is kept
+whole (`alignment_note` says why).
 """
 from __future__ import annotations
 
@@ -63,10 +64,11 @@ class Allocation:
 
 
 def unit(size: int, round_to: int, align: int = 1) -> int:
-    """The step of valid kept counts: lcm(round_to, align) when it fits in the group, else align."""
+    """The step of valid kept counts: lcm(round_to, align) when it fits in the group, else align. A grouped-conv
+    group (align > 1) whose lcm grid has no count below its size takes multiples of align instead."""
     a = max(int(align), 1)
     u = math.lcm(max(int(round_to), 1), a)
-    return u if u <= size else a
+    return u if u < size or (u == size and a == 1) else a
 
 
 def alignment_note(size: int, round_to: int, align: int = 1) -> str | None:
@@ -76,9 +78,10 @@ def alignment_note(size: int, round_to: int, align: int = 1) -> str | None:
     if u < size:
         return None
     what = f"alignment lcm(round_to={round_to}, grouped-conv blocks={a}) = {u}"
-    if u == size or a >= size:
+    if a >= size or (u == size and a == 1):
         return f"{what} leaves no pruned count below its {size} channels: kept whole"
-    return f"{what} exceeds its {size} channels: kept counts are multiples of {a} (round_to relaxed)"
+    return f"{what} leaves no pruned count below its {size} channels: kept counts are multiples of {a} " \
+           f"(round_to relaxed)"
 
 
 def round_keep(k: float, size: int, round_to: int = 8, align: int = 1) -> int:
@@ -304,9 +307,11 @@ def roulette(fitness: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
 def ga(sizes: dict[int, int], cost: CostFn, budget: Budget, fidelity: Callable[[dict[int, int]], float],
        rng: np.random.Generator, *, population: int = 12, generations: int = 8, bits: int = 4,
        min_ratio: float = 0.1, crossover_rate: float = 0.8, mutation_rate: float = 0.05, theta: float = 0.05,
-       round_to: int = 8, aligns: dict[int, int] | None = None, seeds: list[dict[int, int]] | None = None
-       ) -> Allocation:
-    """Search per-group keep ratios. `fidelity(keep)` in [0, 1] measures a candidate (higher is better)."""
+       round_to: int = 8, aligns: dict[int, int] | None = None, seeds: list[dict[int, int]] | None = None,
+       fidelity_many: Callable[[list[dict[int, int]]], list[float]] | None = None) -> Allocation:
+    """Search per-group keep ratios. `fidelity(keep)` in [0, 1] measures a candidate (higher is better);
+    `fidelity_many(keeps)`, when given, measures each generation's new candidates in one call (an executor map;
+    the same values, so the same search)."""
     aligns = aligns or {}
     gids = sorted(sizes)
     L = (1 << bits) - 1
@@ -323,14 +328,26 @@ def ga(sizes: dict[int, int], cost: CostFn, budget: Budget, fidelity: Callable[[
 
     cache: dict[tuple, tuple[float, dict, tuple]] = {}
 
-    def evaluate(code):
+    def evaluate(code, fid=None):
         keep, c = project(ratios_of(code))
         key = tuple(keep[g] for g in gids)
         if key not in cache:
-            fid = float(fidelity(keep))
+            fid = float(fidelity(keep)) if fid is None else fid
             f = fid + theta * (2.0 - c[0] - c[1]) - (10.0 if not budget.ok(c) else 0.0)
             cache[key] = (f, keep, c, fid)
         return cache[key]
+
+    def evaluate_all(codes):
+        if fidelity_many is not None:  # the new candidates of this generation in one call, first occurrence order
+            new = {}
+            for code in codes:
+                keep, _ = project(ratios_of(code))
+                key = tuple(keep[g] for g in gids)
+                if key not in cache and key not in new:
+                    new[key] = (code, keep)
+            for (code, _), fid in zip(new.values(), fidelity_many([k for _, k in new.values()])):
+                evaluate(code, float(fid))
+        return [evaluate(code) for code in codes]
 
     pop = [encode(np.full(len(gids), L), bits)]  # all-ones: uniform after projection
     for s in seeds or []:
@@ -350,7 +367,7 @@ def ga(sizes: dict[int, int], cost: CostFn, budget: Budget, fidelity: Callable[[
                 a, b = crossover(a, b, rng)
             children += [mutate(a, mutation_rate, rng), mutate(b, mutation_rate, rng)]
         allc = pop + children
-        res = [evaluate(c) for c in allc]
+        res = evaluate_all(allc)
         fit = np.array([r[0] for r in res])
         ib = int(np.argmax(fit))
         if best is None or fit[ib] > best[1][0]:

@@ -11,6 +11,7 @@ dependency analysis sees constant Pad/Reshape/Slice operands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -24,6 +25,7 @@ from edgec.passes.base import PassContext, PassResult, register_pass
 from edgec.passes.floor import FloorSpec, OutputFloor
 from edgec.passes.prune import allocate as alloc
 from edgec.passes.prune import criteria as crit
+from edgec.passes.prune import evaluate as EV
 from edgec.core.errors import EdgecError
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class PruneOptions:
     min_keep_ratio: float = 0.0
     sensitivity_ratios: tuple = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
     sensitivity_refit: bool = False
+    candidate_eval: str = "masked"  # masked: mask feeds to one session per group (evaluate.py) | rebuild: build each
     ga_population: int = 12
     ga_generations: int = 8
     ga_bits: int = 4
@@ -91,6 +94,8 @@ class PruneOptions:
             raise ValueError(f"criterion must be one of {', '.join(crit.CRITERIA)}, got {self.criterion!r}")
         if self.allocation not in alloc.ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(alloc.ALLOCATIONS)}, got {self.allocation!r}")
+        if self.candidate_eval not in ("masked", "rebuild"):
+            raise ValueError(f"candidate_eval must be masked or rebuild, got {self.candidate_eval!r}")
         if self.refit_scope not in ("consumers", "downstream"):
             raise ValueError(f"refit_scope must be consumers or downstream, got {self.refit_scope!r}")
         if self.recovery not in RECOVERIES:
@@ -261,54 +266,7 @@ def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOpt
 
 
 # ----------------------------------------------------------------------------- fidelity probe
-class FidelityProbe:
-    """exp(-KL(softmax(y_ref) || softmax(y))) averaged over a few calibration samples (1.0 = identical); for
-    non-classifier outputs, the mean cosine similarity; behind NMS / TopK, the cosine of the tensors entering it."""
-
-    def __init__(self, model: onnx.ModelProto, ctx: PassContext, samples: int):
-        from edgec.passes.regions import find_postprocess, region_inputs
-
-        self.feeds = [f for _, f in zip(range(samples), ctx.calib_batches())]
-        self.threads = ctx.threads
-        # outputs behind NMS / TopK are data-dependent (often empty): score the head tensors entering that region
-        post = find_postprocess(model, input_shapes=ctx.input_shapes)
-        self.taps = region_inputs(model, post) if post.selection else []
-        self.ref = self._run(model)
-
-    def _run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
-        from edgec.calib.activations import stream_activations
-        from edgec.passes.regions import tap_tensors
-        from edgec.core.onnx_io import ort_session, run_session
-
-        if not self.taps:
-            sess = ort_session(model, threads=self.threads, optimize=True)
-            return [run_session(sess, f) for f in self.feeds]
-        names = tap_tensors(model, self.taps)
-        return [[d[n] for n in names]
-                for d in stream_activations(model, names, self.feeds, threads=self.threads, optimize=True)]
-
-    def __call__(self, model: onnx.ModelProto) -> float:
-        outs = self._run(model)
-        vals = []
-        for out, ref in zip(outs, self.ref):
-            for a, r in zip(out, ref):
-                logits = not self.taps and np.ndim(a) == 2 and np.shape(a)[1] >= 2  # [N, C]: classifier
-                a = np.asarray(a, np.float64).reshape(np.shape(a)[0] if np.ndim(a) else 1, -1)
-                r = np.asarray(r, np.float64).reshape(a.shape[0], -1)
-                if logits:
-                    pa = _log_softmax(a)
-                    pr = _log_softmax(r)
-                    kl = float((np.exp(pr) * (pr - pa)).sum(1).mean())
-                    vals.append(np.exp(-max(kl, 0.0)))
-                else:
-                    na, nr = np.linalg.norm(a), np.linalg.norm(r)
-                    vals.append(float(a.ravel() @ r.ravel() / (na * nr)) if na > 0 and nr > 0 else float(na == nr))
-        return float(np.mean(vals)) if vals else 0.0
-
-
-def _log_softmax(x):
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+from edgec.passes.prune.evaluate import FidelityProbe  # noqa: E402  (re-exported: tests and bench use it here)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -338,6 +296,61 @@ def _apply(model, groups, groups_by_id, scores, keep_counts):
 
     idx = _select(groups_by_id, scores, keep_counts)
     return remove_channels(model, idx, groups)
+
+
+def _executor(ctx):
+    from edgec.core.executor import IN_PROCESS
+
+    return getattr(ctx, "executor", None) or IN_PROCESS
+
+
+def _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts, probe, cache) -> dict:
+    """{gid: {ratio: fidelity loss with g alone kept at ratio}}; cached per group across budgets. Each group is one
+    executor item (passes/prune/evaluate.py: masked suffix runs, no candidate model built); with sensitivity_refit,
+    the loss after refitting the group's consumers on the built candidate."""
+    def key(g):
+        return ("sensitivity", g.id, opts.sensitivity_ratios, opts.sensitivity_refit, opts.round_to)
+
+    todo = [g for g in prunable if key(g) not in cache]
+    bar = ctx.progress.track(todo, desc="prune: sensitivity", unit="group")
+    if opts.sensitivity_refit and opts.recovery in ("lstsq", "fusion+lstsq"):
+        new = [_refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) for g in bar]
+    else:
+        payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, ratios=opts.sensitivity_ratios,
+                                                     round_to=opts.round_to, threads=ctx.threads,
+                                                     masked=opts.candidate_eval == "masked"))
+        new = _executor(ctx).map(functools.partial(EV.scan_group, payload), (g.id for g in bar),
+                                 desc="prune: sensitivity")
+    for g, cur in zip(todo, new):
+        cache[key(g)] = cur
+        ctx.progress.detail(f"sensitivity group {g.id}: {cur}")
+    return {g.id: cache[key(g)] for g in prunable}
+
+
+def _refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) -> dict:
+    """Recovery-aware: the loss after refitting this group's consumers alone, on the built candidate."""
+    from edgec.passes.prune import graph as G
+    from edgec.passes.prune import recover as R
+
+    cur = {}
+    for r in opts.sensitivity_ratios:
+        kk = alloc.round_keep(r * g.size, g.size, opts.round_to, g.align)
+        if kk >= g.size:
+            cur[r] = 0.0
+            continue
+        m, _ = _apply(model, groups, groups_by_id, scores, {g.id: kk})
+        skip = opts.fidelity_samples  # refit on samples the probe does not score (no in-sample bias)
+
+        def refit_feeds(skip=skip):
+            return itertools.islice(ctx.calib_batches(), skip, None)
+
+        m, _ = R.lstsq_refit(m, model, [L["node"] for L in G.consumer_layers(model, g)],
+                             refit_feeds, samples=max(8, opts.calib_samples // 2),
+                             ridge=opts.ridge, max_positions=opts.max_positions,
+                             residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
+                             min_rows_factor=1.0)
+        cur[r] = 1.0 - probe(m)
+    return cur
 
 
 def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budget, cost, ctx, opts, probe,
@@ -375,52 +388,23 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
             elems[g.id] = e * s[:, None]
         a = alloc.adaptive(elems, cost_f, budget, r2, aligns)
     elif opts.allocation == "sensitivity":
-        curves = {}
         cache = cache if cache is not None else {}
-        bar = ctx.progress.track(prunable, desc="prune: sensitivity", unit="group")
-        for k, g in enumerate(bar):
-            key = ("sensitivity", g.id, opts.sensitivity_ratios, opts.sensitivity_refit, opts.round_to)
-            if key in cache:
-                curves[g.id] = cache[key]
-                continue
-            cur = {}
-            for r in opts.sensitivity_ratios:
-                kk = alloc.round_keep(r * g.size, g.size, r2, g.align)
-                if kk >= g.size:
-                    cur[r] = 0.0
-                    continue
-                m, _ = _apply(model, groups, groups_by_id, scores, {g.id: kk})
-                if opts.sensitivity_refit and opts.recovery in ("lstsq", "fusion+lstsq"):
-                    # recovery-aware: the loss after refitting this group's consumers alone
-                    from edgec.passes.prune import graph as G
-                    from edgec.passes.prune import recover as R
-
-                    skip = opts.fidelity_samples  # refit on samples the probe does not score (no in-sample bias)
-
-                    def refit_feeds(skip=skip):
-                        return itertools.islice(ctx.calib_batches(), skip, None)
-
-                    m, _ = R.lstsq_refit(m, model, [L["node"] for L in G.consumer_layers(model, g)],
-                                         refit_feeds, samples=max(8, opts.calib_samples // 2),
-                                         ridge=opts.ridge, max_positions=opts.max_positions,
-                                         residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
-                                         min_rows_factor=1.0)
-                cur[r] = 1.0 - probe(m)
-            curves[g.id] = cur
-            cache[key] = cur
-            ctx.progress.detail(f"sensitivity {k + 1}/{len(prunable)} group {g.id}: {cur}")
-            bar.note(group=g.id, worst_loss=max(cur.values(), default=0.0))
+        curves = _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts, probe, cache)
         a = alloc.sensitivity(curves, sizes, cost_f, budget, r2, aligns)
     else:  # ga
         base = alloc.uniform(sizes, cost_f, budget, r2, aligns)
 
-        def fid(keep):
-            m, _ = _apply(model, groups, groups_by_id, scores, floor_keep(keep))
-            return probe(m)
+        payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, threads=ctx.threads,
+                                                     search=sorted(sizes), masked=opts.candidate_eval == "masked"))
 
-        a = alloc.ga(sizes, cost_f, budget, fid, ctx.rng("prune.ga"), population=opts.ga_population,
+        def fid(keeps):  # one generation's new individuals, through the executor
+            return _executor(ctx).map(functools.partial(EV.ga_fidelity, payload), [floor_keep(k) for k in keeps],
+                                      desc="prune: GA fitness")
+
+        a = alloc.ga(sizes, cost_f, budget, lambda k: fid([k])[0], ctx.rng("prune.ga"),
+                     population=opts.ga_population,
                      generations=opts.ga_generations, bits=opts.ga_bits, round_to=r2, aligns=aligns,
-                     seeds=[base.keep])
+                     seeds=[base.keep], fidelity_many=fid)
     a.keep = floor_keep(a.keep)
     a.cost = cost(a.keep)
     return a
