@@ -69,14 +69,18 @@ def seconds(s: float) -> str:
 
 
 class _Lines:
-    """A tqdm file for non-terminals: each redraw becomes one line, the blank clear-line writes are dropped."""
+    """A tqdm file for non-terminals: each redraw becomes one line; blank clear-line writes and a redraw at the same
+    count as the line before (the final redraw on close) are dropped."""
 
     def __init__(self, stream):
         self.stream = stream
+        self._last = ""
 
     def write(self, s: str) -> None:
         s = s.replace("\r", "").rstrip()
-        if s:
+        key = s.split("[", 1)[0]  # description, percentage, bar and n/total; the timing part follows '['
+        if s and key != self._last:
+            self._last = key
             self.stream.write(s + "\n")
 
     def flush(self) -> None:

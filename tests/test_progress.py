@@ -82,3 +82,15 @@ def test_cli_output_levels(flag, tmp_path, foreign_onnx, capsys):
     if flag is None:
         assert not LONG_FLOAT.search(err) and "{" not in err, err
     assert not P.bars_enabled()  # main() leaves the library silent again
+
+
+def test_non_terminal_lines_do_not_repeat_the_final_count():
+    import io
+
+    buf = io.StringIO()
+    lines = P._Lines(buf)
+    for s in ["\rx:  50%|#  | 1/2 [00:01<00:01, 1.0s/it]", "\rx: 100%|## | 2/2 [00:02<00:00, 1.0s/it]",
+              "\rx: 100%|## | 2/2 [00:02<00:00, 0.9s/it]", "\r" + " " * 20 + "\r"]:
+        lines.write(s)
+    assert buf.getvalue().splitlines() == ["x:  50%|#  | 1/2 [00:01<00:01, 1.0s/it]",
+                                           "x: 100%|## | 2/2 [00:02<00:00, 1.0s/it]"]
