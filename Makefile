@@ -12,6 +12,9 @@ recipe ?= default
 threads ?= 1,2
 seed ?= 0
 ARGS ?=
+# cluster=auto | ray://HOST:PORT | HOST:PORT | local:N: candidate evaluations and artifact builds on Ray (docs/cluster.md)
+cluster ?=
+CLUSTER_ARG := $(if $(cluster),--cluster $(cluster),)
 
 .DEFAULT_GOAL := compile
 .PHONY: compile bench test clean venv help bench-prune bench-quant bench-coverage bench-realworld artifacts rules
@@ -28,6 +31,8 @@ help:
 	@echo "make bench-coverage     prune 17 torchvision models to 0.7x MACs, pass/fail table"
 	@echo "make bench-realworld    default recipe on the real-world trait models (Paddle, YOLO-style, ext. data, attention)"
 	@echo "make artifacts          CI artifact builds: models x targets from artifacts.yaml, reproducible tarballs"
+	@echo "make ... cluster=SPEC   run on Ray: auto | ray://HOST:PORT | HOST:PORT | local:N (docs/cluster.md)"
+	@echo "make bench-cluster      serial vs --cluster local:2: prune scan (EfficientNet-Lite0) and coverage, same bytes"
 	@echo "make clean              remove out/ and caches"
 
 venv: $(STAMP)
@@ -38,10 +43,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 compile: $(STAMP)
-	$(PY) -m pipeline compile --model $(model) --target $(target) --recipe $(recipe) --threads $(threads) --seed $(seed) $(ARGS)
+	$(PY) -m pipeline compile --model $(model) --target $(target) --recipe $(recipe) --threads $(threads) --seed $(seed) $(CLUSTER_ARG) $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pipeline bench --model $(model) --target $(target) --recipe $(recipe) --threads $(threads) --seed $(seed) $(ARGS)
+	$(PY) -m pipeline bench --model $(model) --target $(target) --recipe $(recipe) --threads $(threads) --seed $(seed) $(CLUSTER_ARG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -60,7 +65,11 @@ bench-realworld: $(STAMP)
 	$(PY) bench/bench_realworld.py $(ARGS)
 
 artifacts: $(STAMP)
-	$(PY) -m edgec.pipeline.artifacts artifacts.yaml $(ARGS)
+	$(PY) -m edgec.pipeline.artifacts artifacts.yaml $(CLUSTER_ARG) $(ARGS)
+
+.PHONY: bench-cluster
+bench-cluster: $(STAMP)
+	$(PY) bench/bench_cluster.py --cluster $(or $(cluster),local:2) $(ARGS)
 
 rules: $(STAMP)
 	$(PY) -m targets.tensorrt.rules $(onnx)
