@@ -86,12 +86,12 @@ def test_digits_default_recipe_holds_accuracy(tmp_path):
     from edgec.testing.digits import make_digits_data, train, vgg_net
 
     xtr, ytr, xte, yte = make_digits_data(0)
-    net = train(vgg_net(8), xtr, ytr, epochs=4, seed=0)
+    net = train(vgg_net(16), xtr, ytr, epochs=3, seed=0)
     p = tmp_path / "digits.onnx"
     torch.onnx.export(net, torch.zeros(1, 1, 32, 32), str(p), input_names=["input"], output_names=["logits"],
                       dynamo=False)
     d = tmp_path / "digits.npz"
-    np.savez(d, fit=xtr[:128], fit_labels=ytr[:128], validate=xte[:150], validate_labels=yte[:150],
+    np.savez(d, fit=xtr[:256], fit_labels=ytr[:256], validate=xte[:150], validate_labels=yte[:150],
              eval=xte[150:], eval_labels=yte[150:])
     out = tmp_path / "o"
     rc = main(["compile", "--model", str(p), "--recipe", "default", "--data", str(d), "--out", str(out),

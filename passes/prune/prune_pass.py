@@ -455,7 +455,8 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
         m, st = R.lstsq_refit(m, model_ref, sorted(layers), ctx.calib_batches, samples=opts.calib_samples,
                               ridge=opts.ridge, max_positions=opts.max_positions,
                               residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
-                              out_channels=out_channels, progress=bar.tick)
+                              out_channels=out_channels, progress=bar.tick,
+                              validate_feeds=ctx.validate_batches)  # ridge cross-validated on validate
         bar.close()
         stats["lstsq"] = {"seconds": round(time.perf_counter() - t0, 2), "layers": st}
     return m

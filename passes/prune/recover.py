@@ -163,14 +163,19 @@ class GramAccumulator:
         except np.linalg.LinAlgError:
             A = np.linalg.lstsq(G + np.diag(reg), rhs, rcond=None)[0]
 
-        def err(M):  # |X M - T|^2 / |T|^2 from the Gram matrices
-            e = np.einsum("ij,ij->", M, G @ M) - 2 * np.einsum("ij,ij->", M, self.H) + self.tt
-            return float(max(e, 0.0) / max(self.tt, 1e-30))
-
-        info = {"err_before": err(A0), "err_after": err(A), "rows": self.rows}
+        info = {"err_before": self.rel_err(A0), "err_after": self.rel_err(A), "rows": self.rows}
         W = A[:d0].T
         b = A[d0] if self.bias else None
         return W, b, info
+
+    def rel_err(self, M: np.ndarray) -> float:
+        """|X M - T|^2 / |T|^2 over the accumulated rows, from the Gram matrices (M: (d, o), bias row last)."""
+        e = np.einsum("ij,ij->", M, self.G @ M) - 2 * np.einsum("ij,ij->", M, self.H) + self.tt
+        return float(max(e, 0.0) / max(self.tt, 1e-30))
+
+
+def _stack(W: np.ndarray, b: np.ndarray | None, bias: bool) -> np.ndarray:
+    return W.T if not bias else np.concatenate([W.T, (b if b is not None else np.zeros(W.shape[0]))[None]], 0)
 
 
 # ----------------------------------------------------------------------------- consumer layer adapters
@@ -310,13 +315,22 @@ def residual_partner(model: onnx.ModelProto, out: str) -> tuple[str, str] | None
 
 
 # ----------------------------------------------------------------------------- least squares
+CV_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
 def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes: list[str],
                 feeds: Callable[[], Iterable[dict]], *, samples: int = 64, ridge: float = 1e-3,
                 max_positions: int = 256, residual_target: bool = True, fit_bias: bool = True,
                 max_dim: int = 4608, seed: int = 0, threads: int = 1,
                 out_channels: dict[str, np.ndarray | None] | None = None, min_rows_factor: float = 2.0,
-                progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, dict]:
+                progress: Callable[[str], None] | None = None,
+                validate_feeds: Callable[[], Iterable[dict]] | None = None,
+                ridges: tuple[float, ...] = CV_RIDGES) -> tuple[onnx.ModelProto, dict]:
     """Refit the named consumer nodes in topological order against `reference` (the unpruned model).
+
+    With `validate_feeds` (samples disjoint from `feeds`) the ridge is cross-validated per layer: each of `ridges`
+    is solved on the fit rows and the one with the lowest reconstruction error on the validate rows is kept, and
+    the unrefit weights (ridge -> inf) are kept when they reconstruct the validate rows better still.
 
     `model` and `reference` must share tensor names for each layer's output (and residual Add output).
     out_channels[node]: indices of the reference output channels that the pruned layer still produces (absent or
@@ -348,22 +362,25 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
         pruned_names = [layer.input] + ([part[1]] if part else [])
         ref_names = [part[0] if part else layer.output]
         bias = fit_bias and (layer.bias is not None or layer.can_add_bias())
-        accs: dict[int, GramAccumulator] = {}
-        it_p = stream_pair(model, pruned_names, _limit(feeds(), samples), threads)
-        it_r = stream_pair(reference, ref_names, _limit(feeds(), samples), threads)
         keep_out = (out_channels or {}).get(name)
-        axis = 1 if layer.op == "Conv" else -1
-        for ap, ar in zip(it_p, it_r):
-            x = ap[layer.input]
-            t = ar[ref_names[0]]
-            if keep_out is not None:
-                t = np.take(t, keep_out, axis=axis)
-            if part:
-                t = t - ap[part[1]]
-            for g, X, T in layer.rows(model, x, t, rng, max_positions):
-                if g not in accs:
-                    accs[g] = GramAccumulator(X.shape[1], T.shape[1], bias)
-                accs[g].update(X, T)
+
+        def gather(src):
+            accs: dict[int, GramAccumulator] = {}
+            it_p = stream_pair(model, pruned_names, _limit(src(), samples), threads)
+            it_r = stream_pair(reference, ref_names, _limit(src(), samples), threads)
+            for ap, ar in zip(it_p, it_r):
+                t = ar[ref_names[0]]
+                if keep_out is not None:
+                    t = np.take(t, keep_out, axis=1 if layer.op == "Conv" else -1)
+                if part:
+                    t = t - ap[part[1]]
+                for g, X, T in layer.rows(model, ap[layer.input], t, rng, max_positions):
+                    if g not in accs:
+                        accs[g] = GramAccumulator(X.shape[1], T.shape[1], bias)
+                    accs[g].update(X, T)
+            return accs
+
+        accs = gather(feeds)
         if not accs:
             stats[name] = {"skipped": "no calibration samples"}
             continue
@@ -372,11 +389,24 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
             continue
         o_total = sum(W.shape[0] for W in Ws)
         b0 = layer.bias_vector(model, o_total)
-        newW, newb, eb, ea = [], [], 0.0, 0.0
+        vaccs = gather(validate_feeds) if validate_feeds is not None else None
+        cv = vaccs is not None and all(g in vaccs for g in range(len(Ws)))
+        newW, newb, eb, ea, chosen = [], [], 0.0, 0.0, []
         off = 0
         for g, W0 in enumerate(Ws):
             og = W0.shape[0]
-            W, b, info = accs[g].solve(W0, None if b0 is None else b0[off:off + og], ridge)
+            bg = None if b0 is None else b0[off:off + og]
+            if cv:  # the ridge with the lowest validate error; "none" (the unrefit weights) competes too
+                cands = [(r, *accs[g].solve(W0, bg, r)) for r in ridges]
+                best = min(cands, key=lambda c: vaccs[g].rel_err(_stack(c[1], c[2], bias)))
+                A0 = _stack(W0, bg if bias else None, bias)
+                if vaccs[g].rel_err(A0) <= vaccs[g].rel_err(_stack(best[1], best[2], bias)):
+                    best = ("none", W0, (bg if bg is not None else np.zeros(og)) if bias else None,
+                            {**best[3], "err_after": best[3]["err_before"]})
+                r, W, b, info = best
+                chosen.append(r)
+            else:
+                W, b, info = accs[g].solve(W0, bg, ridge)
             newW.append(W)
             newb.append(b)
             eb += info["err_before"] / len(Ws)
@@ -385,6 +415,9 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
         layer.write(model, newW, np.concatenate(newb) if bias else None)
         stats[name] = {"rel_err_before": round(eb, 5), "rel_err_after": round(ea, 5), "features": d,
                        "rows": accs[0].rows, "residual_target": bool(part), "bias": bool(bias)}
+        if cv:
+            stats[name]["ridge_cv"] = {"chosen": chosen[0] if len(set(map(str, chosen))) == 1 else chosen,
+                                       "validate_rows": vaccs[0].rows}
         if progress:
             progress(f"lstsq {k + 1}/{len(layer_nodes)} {name}: rel err {eb:.4f} -> {ea:.4f}")
     return model, stats
