@@ -17,7 +17,7 @@ cluster ?=
 CLUSTER_ARG := $(if $(cluster),--cluster $(cluster),)
 
 .DEFAULT_GOAL := compile
-.PHONY: compile bench test clean venv help bench-prune bench-quant bench-coverage bench-realworld artifacts rules
+.PHONY: compile bench test clean venv help bench-prune bench-quant bench-coverage bench-realworld bench-realworld-traits artifacts rules
 
 help:
 	@echo "make                    compile model=$(model) target=$(target) recipe=$(recipe)"
@@ -29,7 +29,8 @@ help:
 	@echo "make bench-prune        criteria x allocation x recovery vs Torch-Pruning (EfficientNet-Lite0)"
 	@echo "make bench-quant        FP32 vs ORT quantize_static vs edgec mixed-bit, one interleaved run"
 	@echo "make bench-coverage     prune 17 torchvision models to 0.7x MACs, pass/fail table"
-	@echo "make bench-realworld    default recipe on the real-world trait models (Paddle, YOLO-style, ext. data, attention)"
+	@echo "make bench-realworld    cleanup/quant/default on real exports (torch.onnx TorchScript+dynamo, timm, onnxslim, ORT-quantized)"
+	@echo "make bench-realworld-traits  default recipe on the hand-written trait models (Paddle, YOLO-style, ext. data, attention)"
 	@echo "make artifacts          CI artifact builds: models x targets from artifacts.yaml, reproducible tarballs"
 	@echo "make ... cluster=SPEC   run on Ray: auto | ray://HOST:PORT | HOST:PORT | local:N (docs/cluster.md)"
 	@echo "make bench-cluster      serial vs --cluster local:2: prune scan (EfficientNet-Lite0) and coverage, same bytes"
@@ -62,6 +63,10 @@ bench-coverage: $(STAMP)
 	$(PY) bench/coverage.py $(ARGS)
 
 bench-realworld: $(STAMP)
+	$(PY) -m pip install -q 'timm>=1.0'
+	$(PY) bench/bench_realworld.py --corpus real $(ARGS)
+
+bench-realworld-traits: $(STAMP)
 	$(PY) bench/bench_realworld.py $(ARGS)
 
 artifacts: $(STAMP)

@@ -332,19 +332,18 @@ CORPUS: dict[str, tuple[Callable[[], RealExport], bool]] = {
     "control-ts17": (lambda: control_export(), True),
     "resnet18-ort-dynamic-64": (lambda: ort_quantized_export("resnet18", hw=64), True),
     "deepbn60-ts13-32": (lambda: deep_bn_export(), True),
-    # bench-sized
-    "resnet50-ts17-224": (lambda: vision_export("resnet50", opset=17, hw=224), False),
-    "resnet18-dynamo20-224": (lambda: vision_export("resnet18", dynamo=True, opset=20, hw=224), False),
+    # bench-sized (224 px)
+    "resnet18-ts17-224": (lambda: vision_export("resnet18", opset=17, hw=224), False),
     "mobilenet_v2-ts12-224": (lambda: vision_export("mobilenet_v2", opset=12, hw=224), False),
-    "mobilenet_v3_large-ts15-slim-224": (lambda: vision_export("mobilenet_v3_large", opset=15, slim=True, hw=224), False),
+    "timm-convnext_atto-ts17-224": (lambda: vision_export("timm:convnext_atto", opset=17), False),
+    "timm-mobilenetv3_large_100-dynamo18-224": (lambda: vision_export("timm:mobilenetv3_large_100", dynamo=True, opset=18), False),
     "efficientnet_b0-dynamo18-slim-224": (lambda: vision_export("efficientnet_b0", dynamo=True, opset=18, slim=True), False),
     "regnet_y_400mf-ts21-224": (lambda: vision_export("regnet_y_400mf", opset=21, hw=224), False),
     "shufflenet_v2_x1_0-ts11-224": (lambda: vision_export("shufflenet_v2_x1_0", opset=11, hw=224), False),
-    "resnet34-ts17-ext-224": (lambda: vision_export("resnet34", opset=17, external=True), False),
-    "timm-resnet26d-ts17-224": (lambda: vision_export("timm:resnet26d", opset=17), False),
-    "timm-mobilenetv3_large_100-dynamo18-224": (lambda: vision_export("timm:mobilenetv3_large_100", dynamo=True, opset=18), False),
-    "timm-efficientnet_b0-ts13-slim-224": (lambda: vision_export("timm:efficientnet_b0", opset=13, slim=True), False),
-    "timm-convnext_atto-ts17-224": (lambda: vision_export("timm:convnext_atto", opset=17), False),
+    "squeezenet1_1-ts17-ext-224": (lambda: vision_export("squeezenet1_1", opset=17, external=True), False),
+    "mobilenet_v3_large-ts15-slim-224": (lambda: vision_export("mobilenet_v3_large", opset=15, slim=True, hw=224), False),
+    "resnet18-dynamo20-224": (lambda: vision_export("resnet18", dynamo=True, opset=20, hw=224), False),
+    "timm-resnet18d-ts13-slim-224": (lambda: vision_export("timm:resnet18d", opset=13, slim=True), False),
     "resnet18-ort-static-224": (lambda: ort_quantized_export("resnet18", hw=224, mode="static"), False),
 }
 
