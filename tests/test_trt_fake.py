@@ -388,3 +388,32 @@ def test_every_tensorrt_name_edgec_uses_is_checked(fake, tmp_path, monkeypatch):
         finally:
             table[cls] = saved
     assert set(survived) == tolerant & set(used), survived
+
+
+def test_missing_axis_means_axis_0_in_tensorrt(fake, tmp_path):
+    """Why the qdq-axis rule exists: a per-channel DQ without `axis` computes differently in TensorRT's parser
+    (axis 0) than in ONNX Runtime (axis 1); the fake engine follows the parser, and the rule checker flags it."""
+    from edgec.targets.tensorrt.rules import check_graph
+    from edgec.targets.tensorrt.runner import EngineRunner
+
+    r = np.random.default_rng(0)
+    wq = r.integers(-127, 127, size=(8, 8)).astype(np.int8)
+    s = np.linspace(0.01, 0.08, 8).astype(np.float32)
+
+    def model(axis):
+        kw = {} if axis is None else {"axis": axis}
+        g = helper.make_graph([helper.make_node("DequantizeLinear", ["wq", "s"], ["w"], name="w_dq", **kw),
+                               helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", T.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 8])],
+                              initializer=[numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(s, "s")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    assert [f.rule for f in check_graph(model(None)).errors] == ["qdq-axis"]
+    _build(tmp_path, model(None), typing="strong")
+    assert fake.fake.events("parser_axis0") == [{}]
+    x = r.standard_normal((1, 8)).astype(np.float32)
+    with EngineRunner(tmp_path / "m.engine") as er:
+        (y,) = er.infer({"x": x})
+    np.testing.assert_allclose(y, ort_session(model(0), optimize=False).run(None, {"x": x})[0], rtol=1e-6)
+    assert not np.allclose(y, ort_session(model(None), optimize=False).run(None, {"x": x})[0], rtol=1e-3)

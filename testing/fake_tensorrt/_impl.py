@@ -147,6 +147,18 @@ def _dims(vi):
     return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim)
 
 
+def _axis0(m) -> bool:
+    """Set axis=0 on every per-channel Q/DQ that has no axis attribute, as TensorRT's ONNX parser reads it."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in m.graph.initializer}
+    changed = False
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and sizes.get(n.input[1], 1) > 1 \
+                and not any(a.name in ("axis", "block_size") for a in n.attribute):
+            n.attribute.append(onnx.helper.make_attribute("axis", 0))
+            changed = True
+    return changed
+
+
 class OnnxParser(Strict):
     def __init__(self, network, logger):
         if not isinstance(network, INetworkDefinition):
@@ -173,6 +185,9 @@ class OnnxParser(Strict):
     def _parse_bytes(self, data):
         mod, net = type(self)._mod, self._network
         m = onnx.load_from_string(data)
+        if _axis0(m):  # the real parser reads a per-channel Q/DQ without `axis` as axis 0 (ONNX: axis 1)
+            type(self)._state.record("parser_axis0")
+            data = m.SerializeToString()
         inf = onnx.shape_inference.infer_shapes(m)
         types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inf.graph.value_info) + list(inf.graph.input)
                  + list(inf.graph.output)}
@@ -335,7 +350,7 @@ class Builder(Strict):
 
 IMPLS = {c.__name__: c for c in (Logger, IHostMemory, ITensor, ILayer, INetworkDefinition, ParserError, OnnxParser,
                                   IOptimizationProfile, ITimingCache, IBuilderConfig, Builder)}
-_ = (np, NP_OF, PRECISION_FLAGS)
+_ = (NP_OF, PRECISION_FLAGS)
 
 
 def _register_engine():
