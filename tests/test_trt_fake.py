@@ -248,6 +248,7 @@ def test_tensorrt_target_builds_and_benches_both_engines(fake, tmp_path):
     assert rep["speedup_vs_baseline_fp16"] == pytest.approx(rep["baseline"]["latency_ms"]["median"] / rep["latency_ms"]["median"])
     assert rep["baseline"]["fidelity"]["summary"]["cosine_min"] == pytest.approx(1.0, abs=1e-6)
     assert 0.9 < rep["fidelity"]["summary"]["cosine_min"] < 1.0  # the int8 graph, not the reference
+    assert set(rep["environment"]["clocks"]) == {"before", "after"}  # nvidia-smi's clocks, None without it
 
 
 @pytest.mark.parametrize("extra", [{}, {"dla_core": 0}], ids=["gpu", "dla"])

@@ -179,6 +179,23 @@ def reference_samples(ctx: BuildContext, limit: int | None = None) -> tuple[list
     return feeds, outs, [o.name for o in ref.graph.output]
 
 
+def gpu_clocks() -> dict | None:
+    """The host GPU's clocks and power state for the report (nvidia-smi), or None where nvidia-smi is absent."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    fields = "name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,pstate,power.limit"
+    try:
+        out = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=15).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": str(e)}
+    return {"query": fields, "gpus": [[v.strip() for v in line.split(",")] for line in out]}
+
+
 def bench(outdir: Path, ctx: BuildContext) -> dict:
     """Baseline (FP16 original) and compiled engine, interleaved in one run; fidelity of both."""
     outdir = Path(outdir)
@@ -197,8 +214,10 @@ def bench(outdir: Path, ctx: BuildContext) -> dict:
     engines = {"compiled": str(engine)}
     if (outdir / BASELINE_ENGINE).exists():
         engines = {"baseline_fp16": str(outdir / BASELINE_ENGINE), **engines}
+    clocks_before = gpu_clocks()
     res = run_engines(engines, feeds, ref_outputs=refs, output_names=names, labels=labels,
                       warmup=max(ctx.warmup, 20), runs=max(ctx.runs, 200))
+    clocks = {"before": clocks_before, "after": gpu_clocks()}
     comp = res["engines"]["compiled"]
     extra = {}
     if "baseline_fp16" in res["engines"]:
@@ -209,6 +228,7 @@ def bench(outdir: Path, ctx: BuildContext) -> dict:
     else:
         extra = {"baseline": {"skipped": f"no {BASELINE_ENGINE} in {outdir}"}}
     return make_report(model=ctx.model_name, target=NAME, latency_ms=comp["latency_ms"], memory=comp["memory"],
-                       fidelity_result=comp["fidelity"], environment={"device": res["device"], "host": why},
+                       fidelity_result=comp["fidelity"],
+                       environment={"device": res["device"], "host": why, "clocks": clocks},
                        comparable=False, comparable_reason="host GPU; clocks not locked or checked by edgec",
                        extra=extra)
