@@ -30,12 +30,15 @@ from typing import Any
 log = logging.getLogger("edgec.progress")
 LOG_INTERVAL_S = 10.0
 _BARS = False
+_T0 = time.perf_counter()
 
 
 def configure(*, bars: bool) -> None:
-    """Turn bars on (the CLI, unless -q) or off (the default: libraries and tests)."""
-    global _BARS
+    """Turn bars on (the CLI, unless -q) or off (the default: libraries and tests); restarts the clock that prefixes
+    bar lines off a terminal (the CLI's log lines use the same `[  12.3s]` prefix)."""
+    global _BARS, _T0
     _BARS = bool(bars)
+    _T0 = time.perf_counter()
 
 
 def bars_enabled() -> bool:
@@ -81,7 +84,7 @@ class _Lines:
         key = s.split("[", 1)[0]  # description, percentage, bar and n/total; the timing part follows '['
         if s and key != self._last:
             self._last = key
-            self.stream.write(s + "\n")
+            self.stream.write(f"[{time.perf_counter() - _T0:7.1f}s] {s}\n")
 
     def flush(self) -> None:
         self.stream.flush()
