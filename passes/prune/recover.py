@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgec.passes.prune.walk import Walker
+
 log = logging.getLogger(__name__)
 
 
@@ -325,12 +327,16 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
                 out_channels: dict[str, np.ndarray | None] | None = None, min_rows_factor: float = 2.0,
                 progress: Callable[[str], None] | None = None,
                 validate_feeds: Callable[[], Iterable[dict]] | None = None,
-                ridges: tuple[float, ...] = CV_RIDGES) -> tuple[onnx.ModelProto, dict]:
+                ridges: tuple[float, ...] = CV_RIDGES, walk_segments: bool = True) -> tuple[onnx.ModelProto, dict]:
     """Refit the named consumer nodes in topological order against `reference` (the unpruned model).
 
     With `validate_feeds` (samples disjoint from `feeds`) the ridge is cross-validated per layer: each of `ridges`
     is solved on the fit rows and the one with the lowest reconstruction error on the validate rows is kept, and
     the unrefit weights (ridge -> inf) are kept when they reconstruct the validate rows better still.
+
+    walk_segments: activations come from a walk.Walker per model (each node runs once per sample over the whole
+    refit, on the weights it has when it runs: the values a run from the inputs gives); False: each layer runs both
+    models from their inputs (the former path, O(layers x model)).
 
     `model` and `reference` must share tensor names for each layer's output (and residual Add output).
     out_channels[node]: indices of the reference output channels that the pruned layer still produces (absent or
@@ -342,6 +348,16 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
     ref_tensors = {o for n in reference.graph.node for o in n.output}
     stats: dict[str, dict] = {}
     rng = np.random.default_rng([seed, 2017])
+    walks: dict[int, tuple[Walker, Walker]] = {}  # per sample source: each node runs once per sample (walk.py)
+
+    def walkers(src):
+        if not walk_segments or not (Walker.supports(model) and Walker.supports(reference)):
+            return None
+        if id(src) not in walks:
+            fl = list(_limit(src(), samples))
+            walks[id(src)] = (Walker(model, fl, threads), Walker(reference, fl, threads))
+        return walks[id(src)]
+
     for k, name in enumerate(layer_nodes):
         node = _node_by_name(model, name)
         layer, why = Layer.from_node(model, node)
@@ -366,8 +382,12 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
 
         def gather(src):
             accs: dict[int, GramAccumulator] = {}
-            it_p = stream_pair(model, pruned_names, _limit(src(), samples), threads)
-            it_r = stream_pair(reference, ref_names, _limit(src(), samples), threads)
+            w = walkers(src)
+            if w is not None:
+                it_p, it_r = w[0].need(pruned_names), w[1].need(ref_names)
+            else:
+                it_p = stream_pair(model, pruned_names, _limit(src(), samples), threads)
+                it_r = stream_pair(reference, ref_names, _limit(src(), samples), threads)
             for ap, ar in zip(it_p, it_r):
                 t = ar[ref_names[0]]
                 if keep_out is not None:
@@ -413,6 +433,8 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
             ea += info["err_after"] / len(Ws)
             off += og
         layer.write(model, newW, np.concatenate(newb) if bias else None)
+        for w in walks.values():
+            w[0].changed(name)
         stats[name] = {"rel_err_before": round(eb, 5), "rel_err_after": round(ea, 5), "features": d,
                        "rows": accs[0].rows, "residual_target": bool(part), "bias": bool(bias)}
         if cv:
