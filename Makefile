@@ -28,7 +28,8 @@ help:
 	@echo "make test               the test suite (creates .venv on first use)"
 	@echo "make bench-prune        criteria x allocation x recovery vs Torch-Pruning (EfficientNet-Lite0)"
 	@echo "make bench-quant        FP32 vs ORT quantize_static vs edgec mixed-bit, one interleaved run"
-	@echo "make bench-coverage     prune 17 torchvision models to 0.7x MACs, pass/fail table"
+	@echo "make bench-coverage     shipped prune recipe on 17 torchvision models at 0.7x MACs [ARGS='--criterion l1']"
+	@echo "make bench-compile-time seconds per pass: ResNet-50 prune 0.5, EfficientNet-Lite0 default"
 	@echo "make bench-realworld    cleanup/quant/default on real exports (torch.onnx TorchScript+dynamo, timm, onnxslim, ORT-quantized)"
 	@echo "make bench-realworld-traits  default recipe on the hand-written trait models (Paddle, YOLO-style, ext. data, attention)"
 	@echo "make artifacts          CI artifact builds: models x targets from artifacts.yaml, reproducible tarballs"
@@ -61,6 +62,10 @@ bench-quant: $(STAMP)
 
 bench-coverage: $(STAMP)
 	$(PY) bench/coverage.py $(ARGS)
+
+.PHONY: bench-compile-time
+bench-compile-time: $(STAMP)
+	$(PY) bench/bench_compile_time.py $(ARGS)
 
 bench-realworld: $(STAMP)
 	$(PY) -m pip install -q 'timm>=1.0'
