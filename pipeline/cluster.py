@@ -89,8 +89,13 @@ class RemoteProbe:
 
     def __init__(self, executor, target: str, resource: str, threads: int = 1, cache_dir: str | None = None,
                  input_shapes: dict | None = None, timeout_s: float = CALL_TIMEOUT_S):
+        from edgec.targets.base import get_target
+
         ex = _ray_executor(executor)
         self.ray, self.resource, self.timeout_s = ex.ray, resource, float(timeout_s)
+        if getattr(get_target(target), "make_probe", None) is None:
+            raise EdgecError(f"target '{target}' has no cost probe to run on a device (--probe-device applies to "
+                             "targets that measure latency costs, today: ort)")
         nodes = device_nodes(ex, resource)
         if not nodes:
             raise EdgecError(f"no live node in the cluster carries the resource '{resource}' "

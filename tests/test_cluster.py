@@ -365,6 +365,24 @@ def test_remote_probe_runs_on_the_device_node(cluster, tmp_path):
         RemoteProbe(ex, "ort", "cpu_arm64", timeout_s=10)
 
 
+def test_quant_uses_latency_measured_on_the_device(cluster, tmp_path):
+    from edgec.pipeline.compile import CompileOptions, compile_model
+
+    c, ex = cluster
+    rep = compile_model(CompileOptions(model=str(_tiny(tmp_path / "tiny.onnx")), recipe="quant", out=str(tmp_path / "q"),
+                                       data="synthetic", calib_samples=4, validate_samples=4, eval_samples=4,
+                                       bench=False, memory=False, cluster=c.address, probe_device=DEVICE,
+                                       cache_dir=str(tmp_path / "cache"), overrides=["quant.target_speedup=1.5", "quant.sensitivity_samples=2",
+                                                                          "quant.calib_samples=4"]))
+    quant = next(s for s in rep["passes"] if s["name"] == "quant")
+    assert quant["stats"]["latency_source"] == f"remote:{DEVICE}"
+    with pytest.raises(EdgecError, match="no cost probe"):
+        compile_model(CompileOptions(model=str(tmp_path / "tiny.onnx"), target="jetson", recipe="quant",
+                                     out=str(tmp_path / "j"), data="synthetic", calib_samples=4, validate_samples=4,
+                                     eval_samples=4, bench=False, memory=False, cluster=c.address,
+                                     probe_device=DEVICE))
+
+
 def test_bench_farm_runs_on_every_device(cluster, tmp_path):
     from edgec.pipeline.cluster import bench_farm, farm_markdown
 
