@@ -132,12 +132,15 @@ def obs_order(problems: list[tuple[np.ndarray, np.ndarray, float, np.ndarray]], 
             if idx.shape[1] == 1:
                 j = idx[cand, 0]
                 err += (W[:, j] ** 2).sum(0) / np.maximum(np.diag(Hinv)[j], 1e-30) / tt
-            else:
-                for t, c in enumerate(cand):
-                    B = idx[c]
-                    Hb = Hinv[np.ix_(B, B)]
-                    Wb = W[:, B]
-                    err[t] += float(np.einsum("ij,ij->", Wb @ np.linalg.pinv(Hb), Wb)) / tt
+            else:  # all candidates at once: tr(W_B pinv(Hinv_BB) W_B^T) per candidate block B
+                Bs = idx[cand]  # (m, b)
+                Hb = Hinv[Bs[:, :, None], Bs[:, None, :]]  # (m, b, b)
+                Wb = W[:, Bs].transpose(1, 0, 2)  # (m, o, b)
+                try:  # Hinv_BB is SPD (a principal block of an SPD inverse): solve, pinv only if singular
+                    Z = np.linalg.solve(Hb, Wb.transpose(0, 2, 1))  # (m, b, o)
+                except np.linalg.LinAlgError:
+                    Z = np.linalg.pinv(Hb) @ Wb.transpose(0, 2, 1)
+                err += np.einsum("mob,mbo->m", Wb, Z) / tt
         k = int(np.argmin(err))
         c = int(cand[k])
         total += float(err[k])
