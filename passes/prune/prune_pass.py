@@ -54,6 +54,7 @@ class PruneOptions:
     sensitivity_ratios: tuple = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
     sensitivity_refit: bool = False
     candidate_eval: str = "masked"  # masked: mask feeds to one session per group (evaluate.py) | rebuild: build each
+    lstsq_walk: bool = True  # least squares reads activations from a segment walk (walk.py); False: prefix runs
     ga_population: int = 12
     ga_generations: int = 8
     ga_bits: int = 4
@@ -465,7 +466,7 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
         m, st = R.lstsq_refit(m, model_ref, sorted(layers), ctx.calib_batches, samples=opts.calib_samples,
                               ridge=opts.ridge, max_positions=opts.max_positions,
                               residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
-                              out_channels=out_channels, progress=bar.tick,
+                              out_channels=out_channels, progress=bar.tick, walk_segments=opts.lstsq_walk,
                               validate_feeds=ctx.validate_batches)  # ridge cross-validated on validate
         bar.close()
         stats["lstsq"] = {"seconds": round(time.perf_counter() - t0, 2), "layers": st}
