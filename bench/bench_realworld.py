@@ -161,7 +161,58 @@ def main_real(a) -> int:
     return 0 if all(r.get("ok") for r in rows) else 1
 
 
+def profile_ops(model_path: str, feeds: dict, runs: int = 30, threads: int = 1) -> dict:
+    """ORT (level all, `threads` intra-op) with enable_profiling: per-op-type total kernel time per run (ms), and the
+    op counts of the graph ORT actually runs (its optimized form: QLinearConv vs Conv, leftover Q/DQ, Transposes)."""
+    import collections
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(d, "prof")
+        sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+        for _ in range(5):
+            sess.run(None, feeds)
+        for _ in range(runs):
+            sess.run(None, feeds)
+        prof = sess.end_profiling()
+        events = json.loads(Path(prof).read_text())
+        ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    per_op: dict = collections.defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e["args"].get("op_name", "?")] += e["dur"] / 1000.0 / (runs + 5)
+    total = sum(per_op.values())
+    return {"ms_per_run": round(total, 3), "by_op_ms": {k: round(v, 3) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])},
+            "optimized_ops": dict(ops.most_common())}
+
+
+def main_profile(orig: str, comp: str, hw: int) -> int:
+    import numpy as np
+
+    import onnx
+
+    name = onnx.load(orig, load_external_data=False).graph.input[0].name
+    feeds = {name: np.random.default_rng(0).standard_normal((1, 3, hw, hw)).astype(np.float32)}
+    for label, path in (("original", orig), ("compiled", comp)):
+        r = profile_ops(path, feeds)
+        print(f"## {label}: {r['ms_per_run']} ms/run of kernel time (1 thread)")
+        print("   top ops:", ", ".join(f"{k} {v}" for k, v in list(r["by_op_ms"].items())[:8]))
+        print("   ORT-optimized graph ops:", r["optimized_ops"])
+    return 0
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--profile":  # --profile ORIG.onnx COMPILED.onnx [HW]
+        return main_profile(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 224)
     from edgec.testing import realworld_models as rw
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
