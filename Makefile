@@ -42,6 +42,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[torch,dev]'
+	@# cuda-python 12 (JetPack 6's CUDA) beside torch's 13, for the bundle's CUDA-call checks (tests/test_trt_fake.py)
+	$(PY) -m pip install -q --target $(VENV)/cuda12 'cuda-python>=12,<13'
 	@touch $@
 
 compile: $(STAMP)
