@@ -85,7 +85,7 @@ def write_report(rows: list[dict], out: Path, recipe: str, size: str) -> str:
     return text
 
 
-def run_real(key: str, recipe: str, out: Path, seed: int) -> dict:
+def run_real(key: str, recipe: str, out: Path, seed: int, extra: tuple[str, ...] = ()) -> dict:
     """One real export through one recipe, in a fresh process (a crash or a memory blow-up stays a row)."""
     import subprocess
 
@@ -94,7 +94,7 @@ def run_real(key: str, recipe: str, out: Path, seed: int) -> dict:
     rec = rx.get(key)
     dest = out / f"{key}-{recipe}"
     cmd = [sys.executable, "-m", "pipeline", "compile", "--model", str(rec.path), "--recipe", recipe, "--threads", "1",
-           "--seed", str(seed), "--out", str(dest), "-q", "--no-memory", *rec.cli_args()]
+           "--seed", str(seed), "--out", str(dest), "-q", "--no-memory", *rec.cli_args(), *extra]
     if recipe == "cleanup":
         cmd.append("--no-bench")
     t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def main_real(a) -> int:
             raise SystemExit(f"unknown export {key!r}; choose from {', '.join(rx.CORPUS)}")
         for recipe in a.recipes.split(","):
             print(f"[bench_realworld] {key} recipe {recipe} ...", flush=True)
-            rows.append(run_real(key, recipe, out, a.seed))
+            rows.append(run_real(key, recipe, out, a.seed, tuple(a.compile_arg)))
             print(write_real_report(rows, out).splitlines()[-1], flush=True)
     print(write_real_report(rows, out))
     return 0 if all(r.get("ok") for r in rows) else 1
@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default="traits", choices=["traits", "real"],
                     help="traits: the hand-written trait models; real: exports made by third-party exporters")
     ap.add_argument("--recipes", default="cleanup,quant,default", help="--corpus real: recipes to run per export")
+    ap.add_argument("--compile-arg", action="append", default=[],
+                    help="--corpus real: extra compile argument, e.g. --compile-arg=--eval-samples=32 (repeatable)")
     a = ap.parse_args(argv)
     if a.corpus == "real":
         if a.models == ",".join(rw.WRITERS):
