@@ -8,8 +8,9 @@ latency costs come from ctx.target_probe.layer_latency_table (measured on the ta
 from a MAC proxy (int8 = 0.5x fp32 per MAC), which the stats say -> emit Q/DQ (passes.quant.qdq) with bias
 correction -> with a probe, re-measure the whole model and tighten the latency budget until it is met ->
 fidelity floor (the recipe's fidelity policy, or the pass's own floor options without one; measured on the validate
-split, passes/floor.py): promote the most sensitive layers (by measured sensitivity, measured for this when no budget
-asked for it) until the floor holds; never return a model below it -> kernel check through the probe.
+split, passes/floor.py): promote layers (with a budget: the most sensitivity removed per unit of budget spent;
+without: the most sensitive, measured for this) until the floor holds; never return a model below it -> kernel
+check through the probe.
 """
 from __future__ import annotations
 
@@ -227,6 +228,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     kind = opts.budget_kind
     probe = ctx.target_probe
     sens: dict[str, dict[int, float]] = {}
+    cost: dict[str, dict[int, float]] | None = None  # the budget's per-layer costs (None without a budget)
     solution = None
     if kind is None:
         bits = {L.name: cands[L.name][0] for L in layers}
@@ -369,7 +371,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         seq = [dict(bits)]
         while any(b != 32 for b in seq[-1].values()):
             cur = dict(seq[-1])
-            l = max((l for l in cur if cur[l] != 32), key=lambda l: (sens.get(l, {}).get(cur[l], 0.0), l))
+            l = max((l for l in cur if cur[l] != 32), key=lambda l: _promotion_priority(l, cur[l], cands, sens, cost))
             up = [b for b in sorted(cands[l]) if b > cur[l]] or [32]
             cur[l] = up[0] if up[0] in cands[l] else 32
             seq.append(cur)
@@ -429,6 +431,17 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         "bias_corrected_layers": sum(1 for v in info["layers"].values() if v.get("bias_corrected")),
     })
     return PassResult(qm, True, stats)
+
+
+def _promotion_priority(layer: str, bits: int, cands, sens, cost) -> tuple:
+    """Which quantized layer the floor promotes next: without a budget the most sensitive; with one, the most
+    sensitivity removed per unit of budget spent, S_{l,b} / (C_{l,up} - C_{l,b}) (a free promotion first)."""
+    s = sens.get(layer, {}).get(bits, 0.0)
+    if cost is None or layer not in cost:
+        return (s, 0.0, layer)
+    up = next((b for b in sorted(cands[layer]) if b > bits), 32)
+    d = cost[layer].get(up, cost[layer].get(32, 0.0)) - cost[layer].get(bits, 0.0)
+    return (s / d if d > 1e-12 else (np.inf if s > 0 else 0.0), s, layer)
 
 
 def _sensitivities(m, layers, cands, ranges, dialect, means, ctx, opts) -> dict[str, dict[int, float]]:
