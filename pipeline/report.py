@@ -114,7 +114,8 @@ def render_markdown(r: dict) -> str:
                 "".join(f"; decode input cos({o}) {c:.4f} (reported)" for o, c in
                         (meas.get("decode_inputs_cosine") or {}).items())
             on = f"{fl.get('measured_on', 'calibration samples')} ({fl.get('samples', '-')})"
-            L.append(f"| {name} | {spec} | {on} | {got.lstrip('; ')} | {fl.get('met')} | {fl.get('note', '')} |")
+            note = fl.get("note") or ("" if fl.get("met") else "nothing holds it: the pass returned its input unchanged")
+            L.append(f"| {name} | {spec} | {on} | {got.lstrip('; ')} | {fl.get('met')} | {note} |")
     posts = [(s["name"], s["stats"]["postprocess"]) for s in r["passes"] if (s.get("stats") or {}).get("postprocess")]
     if posts:
         L += ["", "### Decode / post-processing region (left in float, never pruned)", ""]
