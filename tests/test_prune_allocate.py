@@ -115,3 +115,19 @@ def test_top_up_spends_leftover_budget():
     for g in SIZES:
         if k2[g] < SIZES[g]:
             assert not b.ok(cost({**k2, g: k2[g] + 8}))
+
+
+def test_ga_batched_fitness_is_the_same_search():
+    """fidelity_many (one call per generation: an executor map) searches exactly as one call per individual."""
+    b = A.Budget("macs", 0.6)
+    calls = []
+
+    def many(keeps):
+        calls.append(len(keeps))
+        return [_fid(k) for k in keeps]
+
+    r1 = A.ga(SIZES, cost, b, _fid, np.random.default_rng(5), population=10, generations=6, round_to=1)
+    r2 = A.ga(SIZES, cost, b, _fid, np.random.default_rng(5), population=10, generations=6, round_to=1,
+              fidelity_many=many)
+    assert r1.keep == r2.keep and r1.details["history"] == r2.details["history"]
+    assert len(calls) == 6 and sum(calls) == r2.details["evaluated"]
