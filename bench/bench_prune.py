@@ -3,13 +3,14 @@
 Rows: every criterion x allocation method, without and with least-squares recovery, and Torch-Pruning 1.6 L1 group
 pruning (MagnitudePruner, GroupMagnitudeImportance(p=1), round_to=8, classifier ignored, ratio bisected to the same
 MACs target), at 0.9 / 0.8 / 0.7 x MACs. No training data is used anywhere (recovery only).
-Columns: achieved MACs ratio, top-1 / top-5 agreement and mean logit cosine vs FP32 on the held-out split (photographs
-disjoint from calibration), and latency speedup = median(FP32) / median(pruned), timed interleaved in this process at
+Columns: achieved MACs ratio, top-1 / top-5 agreement and mean logit cosine vs FP32 on the held-out eval split, top-1
+agreement on the validate split (val_t1; fit, validate and eval use disjoint photographs; the summary's best edgec
+configuration per target is chosen on validate and reported on eval), and latency speedup = median(FP32) / median(pruned), timed interleaved in this process at
 1 thread (ORT_ENABLE_ALL, >= 20 warm-ups, >= 200 runs).
 Speed check (item 4): EfficientNet-Lite0 and ResNet-50 at 0.5 x MACs (round_to=8), speedup at 1 thread.
 
 Usage: python bench/bench_prune.py [--quick] [--targets 0.9,0.8,0.7] [--criteria ...] [--allocations ...]
-                                   [--calib 64] [--eval 128] [--runs 200] [--no-speed] [--out out/bench_prune]
+                                   [--calib 64] [--validate 64] [--eval 128] [--runs 200] [--no-speed] [--out out/bench_prune]
 Writes out/bench_prune/{report.json, report.md}.
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ def torch_pruning_l1(module_fn, shape, target, round_to=8):
 
 
 def run(args):
-    from edgec.calib.data import InputInfo, load_splits
+    from edgec.calib.data import InputInfo, load_data
     from edgec.passes.base import PassContext
     from edgec.passes.prune import prune_pass as P
     from edgec.passes.prune.apply import remove_channels
@@ -120,12 +121,19 @@ def run(args):
     t_start = time.time()
     src = resolve("efficientnet_lite0")
     base = _export(src.module, src.input_shape)
-    calib, ev = load_splits(None, [InputInfo("input", src.input_shape)], src.preprocess, n_calib=args.calib,
-                            n_eval=args.eval)
-    ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), seed=0, progress=lambda s: log.info(s))
+    splits = load_data(None, [InputInfo("input", src.input_shape)], src.preprocess, n_fit=args.calib,
+                       n_validate=args.validate, n_eval=args.eval)
+    calib, val, ev = splits.fit, splits.validate, splits.eval
+    ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), seed=0)
     feeds = list(ev.iter_feeds())
+    val_feeds = list(val.iter_feeds())
     ref_sess = ort_session(base, optimize=True)
     ref_out = [ref_sess.run(None, f)[0].ravel().astype(np.float64) for f in feeds]
+    ref_val = [ref_sess.run(None, f)[0].ravel().astype(np.float64) for f in val_feeds]
+
+    def fid(m):  # eval (reported) and validate (what the summary selects on)
+        v = _fidelity(m, ref_val, val_feeds)
+        return {**_fidelity(m, ref_out, feeds), "val_top1": v["top1"], "val_cosine": v["cosine"]}
     lat_feed = feeds[0]
     model, _ = P.fold_small_constants(base)
     rows = []
@@ -180,7 +188,7 @@ def run(args):
                         keep_idx = P._select(gbid, scores, a.keep)
                         pruned, _ = remove_channels(model, keep_idx, groups)
                         t_alloc = time.time() - t1
-                        f0 = _fidelity(pruned, ref_out, feeds)
+                        f0 = fid(pruned)
                         lat = _latency(base, pruned, lat_feed, args.runs)
                         macs = _macs(pruned) / bm
                         emit({"method": f"edgec {crit}/{alloc}", "recovery": "none", "target": tgt, "macs": macs,
@@ -188,7 +196,7 @@ def run(args):
                         t2 = time.time()
                         st: dict = {}
                         rec = P._recover(pruned, model, groups, gbid, keep_idx, acts, ctx, opts, st)
-                        f1 = _fidelity(rec, ref_out, feeds)
+                        f1 = fid(rec)
                         emit({"method": f"edgec {crit}/{alloc}", "recovery": "lstsq", "target": tgt, "macs": macs,
                               **f1, **lat, "seconds": round(t_score + t_alloc + time.time() - t2, 1)})
                     except Exception as e:
@@ -201,7 +209,7 @@ def run(args):
             t0 = time.time()
             mod, r = torch_pruning_l1(efficientnet_lite0, src.input_shape, tgt)
             pm = _export(mod, src.input_shape)
-            f = _fidelity(pm, ref_out, feeds)
+            f = fid(pm)
             lat = _latency(base, pm, lat_feed, args.runs)
             emit({"method": "torch-pruning L1", "recovery": "none", "target": tgt, "macs": _macs(pm) / bm, **f, **lat,
                   "seconds": round(time.time() - t0, 1)})
@@ -212,12 +220,15 @@ def run(args):
     speed = speed_check(args) if args.speed else {}
     summary = _summary(rows, args.targets)
     report = {"rows": rows, "best_vs_peer": summary, "speed_0.5x": speed, "seconds": round(time.time() - t_start, 1),
-              "calib": args.calib, "eval": args.eval, "runs": args.runs}
+              "calib": args.calib, "validate": args.validate, "eval": args.eval, "runs": args.runs,
+              "selection": "best edgec configuration per target chosen by top-1 agreement on validate; eval reported"}
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    md = [_header()] + [_fmt_row(r) for r in rows] + ["", "best edgec vs Torch-Pruning L1 (top-1 agreement):"]
+    md = [_header()] + [_fmt_row(r) for r in rows] + [
+        "", f"best edgec (selected on validate, {len(val_feeds)} samples) vs Torch-Pruning L1, top-1 agreement on eval "
+            f"({len(feeds)} held-out samples):"]
     for tgt, s in summary.items():
-        md.append(f"  {tgt}: edgec {s['edgec_top1']:.3f} ({s['edgec_method']}) vs peer {s['peer_top1']:.3f} -> "
-                  f"{'BEATS' if s['beats'] else 'does not beat'}")
+        md.append(f"  {tgt}: edgec {s['edgec_top1']:.3f} (validate {s['edgec_val_top1']:.3f}; {s['edgec_method']}) vs "
+                  f"peer {s['peer_top1']:.3f} -> {'BEATS' if s['beats'] else 'does not beat'}")
     for k, v in speed.items():
         md.append(f"speed 0.5x MACs {k}: macs {v.get('macs', float('nan')):.3f}  speedup {v.get('speedup', float('nan')):.2f}x "
                   f"({v.get('fp32_ms', float('nan')):.2f} -> {v.get('pruned_ms', float('nan')):.2f} ms)  {v.get('error', '')}")
@@ -233,9 +244,9 @@ def _summary(rows, targets):
         peer = [r for r in rows if r.get("target") == tgt and r["method"].startswith("torch") and "top1" in r]
         if not ours:
             continue
-        b = max(ours, key=lambda r: (r["top1"], r["cosine"]))
+        b = max(ours, key=lambda r: (r["val_top1"], r["val_cosine"]))  # select on validate, report eval
         p = peer[0] if peer else {"top1": float("nan"), "cosine": float("nan")}
-        out[str(tgt)] = {"edgec_top1": b["top1"], "edgec_cosine": b["cosine"],
+        out[str(tgt)] = {"edgec_top1": b["top1"], "edgec_cosine": b["cosine"], "edgec_val_top1": b["val_top1"],
                          "edgec_method": f"{b['method']}+{b['recovery']}", "peer_top1": p["top1"],
                          "peer_cosine": p["cosine"], "beats": bool(peer) and b["top1"] > p["top1"]}
     return out
@@ -272,14 +283,14 @@ def speed_check(args):
 
 def _header():
     return (f"{'method':34s} {'recovery':8s} {'target':>6s} {'macs':>6s} {'top1':>6s} {'top5':>6s} {'cosine':>7s} "
-            f"{'speedup':>7s} {'sec':>6s}")
+            f"{'val_t1':>6s} {'speedup':>7s} {'sec':>6s}")
 
 
 def _fmt_row(r):
     if "error" in r:
         return f"{r['method']:34s} {'-':8s} {r['target']:6.2f} ERROR {r['error'][:80]}"
     return (f"{r['method']:34s} {r['recovery']:8s} {r['target']:6.2f} {r['macs']:6.3f} {r['top1']:6.3f} {r['top5']:6.3f} "
-            f"{r['cosine']:7.4f} {r['speedup']:7.2f} {r['seconds']:6.1f}")
+            f"{r['cosine']:7.4f} {r.get('val_top1', float('nan')):6.3f} {r['speedup']:7.2f} {r['seconds']:6.1f}")
 
 
 def main(argv=None):
@@ -292,7 +303,8 @@ def main(argv=None):
     ap.add_argument("--criteria", default=",".join(CRITERIA))
     ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
     ap.add_argument("--calib", type=int, default=64)
-    ap.add_argument("--eval", type=int, default=128)
+    ap.add_argument("--validate", type=int, default=64, help="validate split: the summary selects on it")
+    ap.add_argument("--eval", type=int, default=128, help="eval split: held out, reported")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--ga-population", type=int, default=8)
     ap.add_argument("--ga-generations", type=int, default=4)
