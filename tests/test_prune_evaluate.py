@@ -98,3 +98,25 @@ def test_scan_masked_equals_rebuild(name):
         for r in a:
             assert abs(a[r] - b[r]) <= 1e-6
     assert any(v > 0 for c in curves[False] for v in c.values())
+
+
+@pytest.mark.parametrize("allocation", ["ga", "sensitivity"])
+def test_pass_choices_masked_equal_rebuild(allocation):
+    """The prune pass chooses the same keep counts with masked and rebuilt candidates (GA and sensitivity)."""
+    from edgec.passes.prune.prune_pass import PruneOptions, prune
+
+    model = pm.GRAPHS["residual"]()
+    res = {}
+    for ev in ("masked", "rebuild"):
+        o = PruneOptions(target_macs=0.6, criterion="l1", allocation=allocation, round_to=1, recovery="none",
+                         protect_residual=False, fidelity_samples=3, ga_population=6, ga_generations=3,
+                         candidate_eval=ev)
+        st_ = prune(model, _ctx(model, 6), o).stats
+        res[ev] = (st_["keep"], st_["allocation_details"].get("fidelity"), st_["allocation_details"].get("curves"))
+    assert res["masked"][0] == res["rebuild"][0]
+    if allocation == "ga":
+        assert res["masked"][1] == res["rebuild"][1]
+    else:
+        for g, cur in res["rebuild"][2].items():
+            for r, v in cur.items():
+                assert abs(res["masked"][2][g][r] - v) <= 1e-5

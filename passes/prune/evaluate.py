@@ -307,6 +307,12 @@ def ga_fidelity(payload, keep: dict[int, int]) -> float:
     return _payload_eval(P, "all", [by_id[gid] for gid in P["search"]])(idx)
 
 
+def release(payload) -> None:
+    """Drop this process's sessions for a finished search (in process; Ray workers drop theirs with the worker)."""
+    for k in [k for k in _EVALS if k[0] == id(payload)]:
+        del _EVALS[k]
+
+
 def make_payload(model, groups, scores, probe, *, ratios=(), round_to=1, threads=1, search=(), masked=True) -> dict:
     """What every task of one search shares (put in the executor's object store once)."""
     return {"model": model, "groups": groups, "scores": scores, "probe": probe, "ratios": tuple(ratios),

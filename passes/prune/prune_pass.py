@@ -416,6 +416,7 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
                      population=opts.ga_population,
                      generations=opts.ga_generations, bits=opts.ga_bits, round_to=r2, aligns=aligns,
                      seeds=[base.keep], fidelity_many=fid)
+        EV.release(payload)
     a.keep = floor_keep(a.keep)
     a.cost = cost(a.keep)
     return a
