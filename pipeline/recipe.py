@@ -54,7 +54,8 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description,
                 **({"fidelity": dict(self.fidelity)} if self.fidelity else {}),
-                "passes": [{"name": s.name, "options": options_dict(s.options)} for s in self.steps]}
+                "passes": [{"name": s.name, "options": {k: v for k, v in options_dict(s.options).items()
+                                                        if k not in FIDELITY_KEYS}} for s in self.steps]}
 
     def floor_spec(self, samples: int):
         """The policy as a passes.floor.FloorSpec over `samples` validate samples (None without a policy)."""
@@ -147,7 +148,7 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     recipe = Recipe(str(data.get("name") or default_name), str(data.get("description") or ""), fidelity=fidelity)
     for n, o in steps:
         spec = get_pass(n)
-        own = sorted(set(o) & set(FIDELITY_KEYS))
+        own = sorted(k for k in FIDELITY_KEYS if o.get(k) is not None and not (k == "cosine_scope" and o[k] == "all"))
         if own:
             raise EdgecError(f"pass '{n}' option(s) {', '.join(own)} belong in the recipe's fidelity: block "
                              f"(--set fidelity.{own[0]}=...): every pass obeys one policy")
