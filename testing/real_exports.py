@@ -323,6 +323,48 @@ def deep_bn_export(*, depth: int = 60, width: int = 16, hw: int = 32, seed: int 
                       path, {"x": (1, 3, hw, hw)}, data="synthetic", kind="dense", traits=("deep", "unfused_bn"))
 
 
+def crnn_export(*, h: int = 32, w: int = 160, opset: int = 17, seed: int = 0) -> RealExport:
+    """A CRNN text recognizer (VGG-style conv stack with BatchNorm, height collapsed, BiLSTM x2, per-step classifier)
+    exported by the TorchScript exporter: the Transpose/Reshape around the LSTM and its fp32 recurrence are what a
+    latency-driven int8 quantizer cannot speed up."""
+    import torch
+    from torch import nn
+
+    key = f"crnn-ts{opset}-{h}x{w}-s{seed}"
+
+    class CRNN(nn.Module):
+        def __init__(self, classes=37):
+            super().__init__()
+            chans, layers, c = (32, 64, 128, 128, 256, 256), [], 3
+            for i, o in enumerate(chans):
+                layers += [nn.Conv2d(c, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+                if i in (0, 1, 3, 5):
+                    layers.append(nn.MaxPool2d((2, 2) if i < 2 else (2, 1)))
+                c = o
+            self.cnn = nn.Sequential(*layers)
+            self.rnn = nn.LSTM(c, 96, num_layers=2, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(192, classes)
+
+        def forward(self, x):
+            f = self.cnn(x).mean(2).permute(0, 2, 1)  # N, T, C
+            return self.fc(self.rnn(f)[0])
+
+    def build(d: Path):
+        torch.manual_seed(seed)
+        m = CRNN().eval()
+        g = torch.Generator().manual_seed(seed + 1)
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) * 0.5 + 0.75)
+        _torch_export(m, (torch.randn(1, 3, h, w),), d / "model.onnx", dynamo=False, opset=opset,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {3: "width"}, "logits": {1: "T"}})
+
+    path = _cached(key, build)
+    return RealExport(f"crnn-ts{opset}-{h}x{w}", f"torch.onnx TorchScript opset {opset}, CRNN (conv + BiLSTM), dynamic width",
+                      path, {"x": (1, 3, h, w)}, kind="dense", traits=("lstm", "dynamic_width"))
+
+
 # name -> (factory, small): small ones are what tests use; the bench runs them all.
 CORPUS: dict[str, tuple[Callable[[], RealExport], bool]] = {
     "resnet18-ts11-64": (lambda: vision_export("resnet18", opset=11, hw=64), True),
@@ -345,6 +387,7 @@ CORPUS: dict[str, tuple[Callable[[], RealExport], bool]] = {
     "resnet18-dynamo20-224": (lambda: vision_export("resnet18", dynamo=True, opset=20, hw=224), False),
     "timm-resnet18d-ts13-slim-224": (lambda: vision_export("timm:resnet18d", opset=13, slim=True), False),
     "resnet18-ort-static-224": (lambda: ort_quantized_export("resnet18", hw=224, mode="static"), False),
+    "crnn-ts17-32x160": (lambda: crnn_export(), False),
 }
 
 
