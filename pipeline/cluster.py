@@ -52,6 +52,19 @@ def device_nodes(executor, resource: str) -> list[dict]:
     return sorted(out, key=lambda d: d["node_id"])
 
 
+def wait_for(ray, ref, timeout_s: float):
+    """ray.get with a deadline, polling once a second (so the caller stays interruptible); GetTimeoutError after."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready, _ = ray.wait([ref], timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if ready:
+            return ray.get(ready[0])
+        if time.monotonic() >= deadline:
+            raise ray.exceptions.GetTimeoutError(f"no result within {timeout_s:.0f} s")
+
+
 def _where() -> dict:
     import platform
 
@@ -111,7 +124,7 @@ class RemoteProbe:
     def _get(self, ref, what: str):
         ray = self.ray
         try:
-            return ray.get(ref, timeout=self.timeout_s)
+            return wait_for(ray, ref, self.timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise EdgecError(f"the probe on '{self.resource}' did not answer '{what}' within {self.timeout_s:.0f} s "
                              "(is the device busy or gone?)") from None
@@ -144,10 +157,16 @@ class RemoteProbe:
         return self._call("check_kernels", model, claimed_bits)
 
     def close(self) -> None:
-        try:
-            self.ray.kill(self._actor)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        """Stop the actor, which frees the device (compile calls this when its passes are done)."""
+        actor, self._actor = getattr(self, "_actor", None), None
+        if actor is not None:
+            try:
+                self.ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def __del__(self):
+        self.close()
 
 
 def make_compile_probe(executor, target: str, resource: str | None, threads: int, cache_dir: str | None,
@@ -209,7 +228,7 @@ def _ort_bench(model_path: Path, threads: tuple[int, ...], runs: int, warmup: in
 
 
 def bench_farm(executor, bundle: str | Path, devices: list[str], *, threads: tuple[int, ...] = (1,),
-               runs: int = 200, warmup: int = 20) -> dict:
+               runs: int = 200, warmup: int = 20, timeout_s: float = CALL_TIMEOUT_S) -> dict:
     """One benchmark per live node per device resource; the merged report {devices: {device: [node results]}}."""
     ex = _ray_executor(executor)
     ray = ex.ray
@@ -233,8 +252,11 @@ def bench_farm(executor, bundle: str | Path, devices: list[str], *, threads: tup
                     "devices": {d: [] for d in devices}}
     for (d, node), ref in refs.items():
         try:
-            r = ray.get(ref, timeout=CALL_TIMEOUT_S)
-        except ray.exceptions.RayError as e:  # task error, lost node, timeout: reported per node
+            r = wait_for(ray, ref, timeout_s)
+        except ray.exceptions.GetTimeoutError:  # the device stayed busy (another measurement holds it) or hangs
+            ray.cancel(ref, force=True)
+            r = {"device": d, "node_id": node, "ok": False, "error": f"no result within {timeout_s:.0f} s"}
+        except ray.exceptions.RayError as e:  # task error, lost node: reported per node
             r = {"device": d, "node_id": node, "ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
         report["devices"][d].append(r)
     report["failed"] = sum(not r.get("ok") for rs in report["devices"].values() for r in rs)

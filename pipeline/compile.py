@@ -17,16 +17,19 @@ import numpy as np
 import onnx
 
 from edgec.calib.inputs import parse_input_values
-from edgec.calib.data import InputInfo, Preprocess, load_splits
+from edgec.calib.data import InputInfo, Preprocess, load_data
 from edgec.passes.base import PassContext
 from edgec.passes.costs import count_costs
 from edgec.pipeline import report as rep
 from edgec.core.errors import EdgecError
+from edgec.core.executor import make_executor
 from edgec.core.fidelity import Comparator
 from edgec.pipeline.guards import MemoryGuard, check_activation_budget, check_finite_state_dict, parse_memory
 from edgec.pipeline.importer import finish_dynamic, fix_input_shapes, load_onnx_file, parse_shapes, plan_input_shapes
 from edgec.core.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
+from edgec.pipeline.policy import enforce_policy, preprocess_record, reconcile_preprocess, stamp_preprocess
 from edgec.pipeline.recipe import load_recipe
+from edgec.pipeline.cluster import make_compile_probe
 from edgec.pipeline.runner import run_recipe, verify
 from edgec.pipeline.sources import OnnxSource, TorchSource, resolve
 from edgec.targets.base import BuildContext, get_target
@@ -45,8 +48,9 @@ class CompileOptions:
     input_values: list[str] = field(default_factory=list)  # --input-value sr=16000: constants for fixed inputs
     weights: str | None = None
     data: str | None = None
-    calib_samples: int = 64
-    eval_samples: int = 128
+    calib_samples: int = 64     # fit split
+    validate_samples: int = 64  # validate split: fidelity decisions
+    eval_samples: int = 128     # eval split: the report
     threads: tuple[int, ...] = (1, 2)
     seed: int = 0
     bench: bool = True
@@ -62,6 +66,8 @@ class CompileOptions:
     layout: str | None = None
     cache_dir: str | None = None
     target_opts: dict = field(default_factory=dict)
+    cluster: str | None = None  # --cluster: where candidate evaluations run (core.executor); None: $EDGEC_CLUSTER, else here
+    probe_device: str | None = None  # --probe-device: measure the target's costs on the cluster node with this resource
     command: str = ""
 
     def __post_init__(self):
@@ -69,8 +75,8 @@ class CompileOptions:
             raise EdgecError("--threads must list positive integers, e.g. 1,2")
         if self.warmup < 20 or self.runs < 200:
             raise EdgecError("benchmarks need at least 20 warm-up and 200 timed runs")
-        if self.calib_samples < 1 or self.eval_samples < 1:
-            raise EdgecError("--calib-samples and --eval-samples must be >= 1")
+        if self.calib_samples < 1 or self.eval_samples < 1 or self.validate_samples < 1:
+            raise EdgecError("--calib-samples, --validate-samples and --eval-samples must be >= 1")
 
 
 def default_out(opts: CompileOptions, model_name: str) -> Path:
@@ -122,6 +128,7 @@ def load_source(opts: CompileOptions):
         return src.name, model, src.module, pre, src.description, {"export": info, "input_sha256": digest}
     assert isinstance(src, OnnxSource)
     model = load_onnx_file(src.path, max_bytes=parse_memory(opts.max_memory))
+    pre = reconcile_preprocess(model, pre, opts.mean, opts.std, opts.layout)  # a compiled model says how it was fed
     original = onnx.ModelProto()
     original.CopyFrom(model)
     model, concrete, axes = plan_input_shapes(model, shapes, opts.dynamic, layout=opts.layout or pre.layout)
@@ -148,22 +155,31 @@ def _compile_model(opts: CompileOptions) -> dict:
     inputs = _inputs(model, concrete)
     if not inputs:
         raise EdgecError("the model has no graph inputs")
-    calib, evals = load_splits(opts.data, inputs, pre, n_calib=opts.calib_samples, n_eval=opts.eval_samples, seed=opts.seed,
-                               values=parse_input_values(opts.input_values))
+    splits = load_data(opts.data, inputs, pre, n_fit=opts.calib_samples, n_validate=opts.validate_samples,
+                       n_eval=opts.eval_samples, seed=opts.seed, values=parse_input_values(opts.input_values))
+    calib, evals = splits.fit, splits.eval
     # The original graph must itself be valid and runnable.
     verify(model, [calib.feeds(0)], stage="import", ran=())
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
     cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
-    probe = getattr(target, "make_probe", None)
+    executor = make_executor(opts.cluster)  # results never depend on it (see core.executor)
+    tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
     ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), calib_labels=calib.labels, reference_model=reference,
                       torch_model=torch_module, quant_dialect=target.DIALECT, seed=opts.seed, cache_dir=cache_dir,
-                      threads=opts.threads[0], progress=_progress,
-                      target_probe=probe(opts.threads[0], cache_dir, input_shapes=concrete) if probe else None,
-                      input_shapes=dict(concrete) if concrete else None)
+                      threads=opts.threads[0], progress=_progress, target_probe=tprobe,
+                      latency_probe=getattr(tprobe, "model_latency_ms", None),
+                      input_shapes=dict(concrete) if concrete else None,
+                      validate_batches=lambda: splits.validate.iter_feeds(), validate_labels=splits.validate.labels,
+                      fidelity=recipe.floor_spec(len(splits.validate)), executor=executor)
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
-    result = run_recipe(model, recipe, ctx)
-    final = result.model
+    try:
+        result = run_recipe(model, recipe, ctx)
+    finally:
+        getattr(tprobe, "close", lambda: None)()  # a remote probe frees its device as soon as the passes are done
+    final, policy = enforce_policy(result, ctx, recipe)
+    pre_rec = preprocess_record(pre, inputs, opts.data)
+    final = stamp_preprocess(final, pre_rec)
     dynamic = None
     if axes:
         _progress("restoring dynamic axes and verifying the compiled model at two input shapes")
@@ -176,8 +192,9 @@ def _compile_model(opts: CompileOptions) -> dict:
         _collect_plots(result.stages, tmp)
         ref_bytes = len(model_bytes(reference))
         build = target.build(final, tmp, bctx)
-        _progress("measuring fidelity on the held-out split")
-        fidelity = measure_fidelity(tmp / "model.onnx", reference, evals, opt_level=opts.opt_level)
+        _progress("measuring fidelity on the fit, validate and held-out eval splits")
+        by_split = {k: measure_fidelity(tmp / "model.onnx", reference, d, opt_level=opts.opt_level) for k, d in splits.items()}
+        fidelity = by_split["eval"]
         bench = run_bench(target, tmp, reference, bctx, opts) if opts.bench else {"skipped": "benchmark disabled (--no-bench)"}
         report = {
             "schema_version": rep.SCHEMA_VERSION,
@@ -188,9 +205,13 @@ def _compile_model(opts: CompileOptions) -> dict:
             "target": opts.target,
             "recipe": {**recipe.to_dict(), "yaml": recipe.to_yaml()},
             "seed": opts.seed,
-            "data": {"calib_samples": len(calib), "eval_samples": len(evals), "description": calib.description,
-                     "eval_description": evals.description, "disjoint": True,
-                     "labels": calib.labels is not None},
+            "data": {"calib_samples": len(calib), "validate_samples": len(splits.validate), "eval_samples": len(evals),
+                     "description": calib.description, "validate_description": splits.validate.description,
+                     "eval_description": evals.description, "disjoint": bool(splits.disjoint.get("disjoint")),
+                     "disjointness": splits.disjoint, "labels": calib.labels is not None},
+            "preprocess": pre_rec,
+            "fidelity_policy": policy,
+            "fidelity_splits": {k: {"samples": len(d), "summary": by_split[k]["summary"]} for k, d in splits.items()},
             "passes": [s.as_dict() for s in result.stages],
             # at the compile shape: symbolic (--dynamic) input dims take their compile-time values
             "costs": {"original": {**count_costs(reference, concrete).as_dict(), "model_bytes": ref_bytes},
@@ -213,6 +234,7 @@ def _compile_model(opts: CompileOptions) -> dict:
                     "versions": rep.tool_versions(), "command": opts.command,
                     "files": {p.name: rep.sha256_file(p) for p in sorted(tmp.iterdir())
                               if p.is_file() and p.name not in ("manifest.json", "report.json", "report.md")}}
+        manifest["preprocess"] = report["preprocess"]
         manifest.update(build.get("manifest", {}))
         rep.write_json(tmp / "manifest.json", manifest)
     report["out"] = str(out)
