@@ -38,7 +38,10 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_default: int):
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print only the summary table (and warnings/errors on stderr)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="detail logs: per-group / per-layer measurements at full precision")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="efficientnet_lite0", help="model spec (default: efficientnet_lite0)")
     g.add_argument("--weights", help="state-dict .pth for torchvision:/factory models (loaded with weights_only=True)")
@@ -58,13 +61,19 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
     g.add_argument("--out", help="output directory (default: out/<model>-<target>-<recipe>)")
     g.add_argument("--seed", type=int, default=0, help="the one seed every random choice flows from (default: 0)")
     g.add_argument("--cache-dir", help="where measurements that steer choices are cached (default: .cache/edgec)")
+    g.add_argument("--cluster", metavar="SPEC", help="evaluate candidates on Ray: auto | ray://HOST:PORT | HOST:PORT | "
+                   "local:N (default: $EDGEC_CLUSTER, else in process; needs edgec[ray]; docs/cluster.md)")
+    g.add_argument("--probe-device", metavar="RESOURCE", help="measure the target's latency costs on the cluster node "
+                   "carrying this Ray resource, e.g. cpu_arm64 (needs --cluster)")
     g = p.add_argument_group("data")
     g.add_argument("--input-value", action="append", default=[], metavar="NAME=VALUE",
                    help="a constant for a fixed input (repeatable), e.g. --input-value sr=16000; per-input arrays: "
                    "--data x.npz with one array per input name")
     g.add_argument("--data", help="calibration/eval data: bundled | synthetic | DIR | .npy | .npz (default: bundled)")
-    g.add_argument("--calib-samples", type=int, default=64)
-    g.add_argument("--eval-samples", type=int, default=128)
+    g.add_argument("--calib-samples", type=int, default=64, help="fit split: what passes calibrate and refit on")
+    g.add_argument("--validate-samples", type=int, default=64,
+                   help="validate split: what every fidelity decision is gated on (default: 64)")
+    g.add_argument("--eval-samples", type=int, default=128, help="eval split: held out, for the report only")
     g.add_argument("--mean", type=_floats, help="preprocessing mean, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", type=_floats, help="preprocessing std")
     g.add_argument("--layout", choices=["NCHW", "NHWC"])
@@ -95,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(ONNX cleanup, structured channel removal, mixed-bit quantization; ORT / TensorRT / Jetson).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary table (and warnings/errors on stderr)")
+    p.add_argument("-v", "--verbose", action="store_true", help="detail logs: per-group / per-layer measurements")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     c = sub.add_parser("compile", help="compile a model for a target and write OUT/ with a report",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,21 +115,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_args(b, bench_default=True, runs_default=500)
     sub.add_parser("passes", help="list passes, their rule and options")
     sub.add_parser("recipes", help="list shipped recipes")
+    f = sub.add_parser("bench-farm", help="benchmark a compiled bundle on every cluster device carrying the resources")
+    f.add_argument("bundle", help="a compiled output directory (model.onnx; a Jetson bundle runs its own bench.py)")
+    f.add_argument("--cluster", metavar="SPEC", help="auto | ray://HOST:PORT | HOST:PORT (default: $EDGEC_CLUSTER)")
+    f.add_argument("--devices", required=True, help="device resources, comma-separated, e.g. jetson_orin_nano,cpu_x86")
+    f.add_argument("--threads", type=_ints, default=(1,), help="intra-op threads for ORT bundles (default: 1)")
+    f.add_argument("--warmup", type=int, default=20)
+    f.add_argument("--runs", type=int, default=200)
+    f.add_argument("--out", help="where farm.json and farm.md go (default: the bundle directory)")
     return p
 
 
-def _setup_logging(quiet: bool, debug: bool) -> None:
+def _cmd_bench_farm(args) -> int:
+    from edgec.pipeline.cluster import farm_markdown, run_bench_farm
+
+    report, dest = run_bench_farm(args.cluster, args.bundle, args.devices, tuple(args.threads), args.runs, args.warmup,
+                                  args.out)
+    print(farm_markdown(report))
+    print(f"  farm report: {dest}/farm.md  ({dest}/farm.json)")
+    return 1 if report["failed"] else 0
+
+
+def _setup_logging(quiet: bool, debug: bool, verbose: bool = False) -> None:
+    """Logs and progress bars go to stderr (the report table to stdout): -q warnings only and no bars, default
+    progress bars and one line per step, -v (or --debug) edgec's detail at DEBUG."""
+    from edgec.core import progress
+
+    progress.configure(bars=not quiet)
     t0 = time.perf_counter()
 
     class Fmt(logging.Formatter):
         def format(self, record):
             return f"[{time.perf_counter() - t0:7.1f}s] {record.getMessage()}"
 
-    h = logging.StreamHandler(sys.stderr)
+    h = progress.LogHandler(sys.stderr)
     h.setFormatter(Fmt())
     root = logging.getLogger()
     root.handlers[:] = [h]
     root.setLevel(logging.WARNING if quiet else (logging.DEBUG if debug else logging.INFO))
+    logging.getLogger("edgec").setLevel(logging.DEBUG if (verbose or debug) and not quiet else logging.NOTSET)
     for noisy in ("onnxscript", "onnx_ir", "matplotlib", "PIL", "torch", "onnx2torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -148,12 +182,14 @@ def _cmd_recipes() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet, args.debug)
+    _setup_logging(args.quiet, args.debug, args.verbose)
     try:
         if args.cmd == "passes":
             return _cmd_passes()
         if args.cmd == "recipes":
             return _cmd_recipes()
+        if args.cmd == "bench-farm":
+            return _cmd_bench_farm(args)
         from edgec.pipeline.compile import CompileOptions, command_line, compile_model
         from edgec.pipeline.report import summary_table
 
@@ -161,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                               overrides=args.overrides, input_shapes=args.input_shape, weights=args.weights,
                               input_values=args.input_value,
                               data=args.data, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
+                              validate_samples=args.validate_samples,
                               threads=tuple(args.threads), seed=args.seed, bench=args.bench, memory=args.memory,
                               warmup=args.warmup, runs=args.runs, opt_level=args.opt_level,
                               dynamic_batch=args.dynamic_batch, dynamic=args.dynamic, max_memory=args.max_memory,
                               mean=args.mean, std=args.std, layout=args.layout, cache_dir=args.cache_dir,
-                              target_opts=_target_opts(args.target_opt), command=command_line())
+                              target_opts=_target_opts(args.target_opt), cluster=args.cluster,
+                              probe_device=args.probe_device, command=command_line())
         report = compile_model(opts)
         print(summary_table(report))
         print(f"  report: {report['out']}/report.md  ({report['out']}/report.json)")
@@ -190,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"edgec: internal error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        from edgec.core import progress
+
+        progress.configure(bars=False)  # main() called in-process (tests) leaves the library silent
 
 
 if __name__ == "__main__":
