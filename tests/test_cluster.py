@@ -4,9 +4,10 @@ Topology: the head carries no CPU (it only schedules), worker A carries one CPU 
 {"jetson_orin_nano": 1} (a device), worker B (added later) one CPU. The tests show:
 - the executor seam gives identical results with 1 and 2 workers, and the 2-worker run used both nodes;
 - prune's sensitivity scan and its GA compile the same model.onnx in process, on 1 worker and on 2 workers;
-- `make artifacts` (a reduced spec through the CLI) writes the same manifests and tarball entries serially and on
-  the cluster;
-- a remote probe pinned to the custom resource runs on worker A (checked by node id), bench-farm too;
+- artifact builds (a reduced spec: a small ONNX model x ort, jetson) write the same manifests, tarball entries and
+  unpacked build directories serially and on the cluster (the timing reports inside the tarballs aside);
+- a remote probe pinned to the custom resource runs on worker A (checked by node id), quant's latency-driven bits
+  use its table, bench-farm runs there too;
 - a worker process that crashes is retried once, then reported; workers killed mid-build are reported and the
   build exits non-zero, within a bounded time.
 Every test has a timeout; the module's fixture stops every process it started (by pid) in its teardown.
