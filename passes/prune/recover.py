@@ -411,27 +411,7 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
         b0 = layer.bias_vector(model, o_total)
         vaccs = gather(validate_feeds) if validate_feeds is not None else None
         cv = vaccs is not None and all(g in vaccs for g in range(len(Ws)))
-        newW, newb, eb, ea, chosen = [], [], 0.0, 0.0, []
-        off = 0
-        for g, W0 in enumerate(Ws):
-            og = W0.shape[0]
-            bg = None if b0 is None else b0[off:off + og]
-            if cv:  # the ridge with the lowest validate error; "none" (the unrefit weights) competes too
-                cands = [(r, *accs[g].solve(W0, bg, r)) for r in ridges]
-                best = min(cands, key=lambda c: vaccs[g].rel_err(_stack(c[1], c[2], bias)))
-                A0 = _stack(W0, bg if bias else None, bias)
-                if vaccs[g].rel_err(A0) <= vaccs[g].rel_err(_stack(best[1], best[2], bias)):
-                    best = ("none", W0, (bg if bg is not None else np.zeros(og)) if bias else None,
-                            {**best[3], "err_after": best[3]["err_before"]})
-                r, W, b, info = best
-                chosen.append(r)
-            else:
-                W, b, info = accs[g].solve(W0, bg, ridge)
-            newW.append(W)
-            newb.append(b)
-            eb += info["err_before"] / len(Ws)
-            ea += info["err_after"] / len(Ws)
-            off += og
+        newW, newb, eb, ea, chosen = _solve_groups(Ws, b0, accs, vaccs if cv else None, ridge, ridges, bias)
         layer.write(model, newW, np.concatenate(newb) if bias else None)
         for w in walks.values():
             w[0].changed(name)
@@ -443,6 +423,32 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
         if progress:
             progress(f"lstsq {k + 1}/{len(layer_nodes)} {name}: rel err {eb:.4f} -> {ea:.4f}")
     return model, stats
+
+
+def _solve_groups(Ws, b0, accs, vaccs, ridge, ridges, bias):
+    """Per group: the ridge solve; with validate accumulators, the candidate ridge (or the unrefit weights, "none")
+    with the lowest validate reconstruction error. Returns (weights, biases, mean err before, after, choices)."""
+    newW, newb, eb, ea, chosen = [], [], 0.0, 0.0, []
+    off = 0
+    for g, W0 in enumerate(Ws):
+        og = W0.shape[0]
+        bg = None if b0 is None else b0[off:off + og]
+        if vaccs is not None:
+            cands = [(r, *accs[g].solve(W0, bg, r)) for r in ridges]
+            best = min(cands, key=lambda c: vaccs[g].rel_err(_stack(c[1], c[2], bias)))
+            if vaccs[g].rel_err(_stack(W0, bg if bias else None, bias)) <= vaccs[g].rel_err(_stack(best[1], best[2], bias)):
+                best = ("none", W0, (bg if bg is not None else np.zeros(og)) if bias else None,
+                        {**best[3], "err_after": best[3]["err_before"]})
+            r, W, b, info = best
+            chosen.append(r)
+        else:
+            W, b, info = accs[g].solve(W0, bg, ridge)
+        newW.append(W)
+        newb.append(b)
+        eb += info["err_before"] / len(Ws)
+        ea += info["err_after"] / len(Ws)
+        off += og
+    return newW, newb, eb, ea, chosen
 
 
 def _limit(it: Iterable, n: int):
