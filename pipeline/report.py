@@ -101,21 +101,7 @@ def render_markdown(r: dict) -> str:
     for s in r["passes"]:
         L.append(f"| {s['name']} | {s['exact']} | {s['seconds']:.2f} | {s['error_vs_previous']:.2e} | "
                  f"{s['costs']['macs']:,} | {s['nodes']} |")
-    floors = [(s["name"], s["stats"]["floor"]) for s in r["passes"] if isinstance((s.get("stats") or {}).get("floor"), dict)]
-    if floors:
-        L += ["", "### Fidelity floors held by each pass (vs the original)", "",
-              "| pass | floor | measured on | measured | met | note |", "|---|---|---|---|---|---|"]
-        for name, fl in floors:
-            spec = ", ".join(f"{k} {v}" for k, v in fl.items()
-                             if k in ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope") and v is not None)
-            meas = fl.get("measured") or (fl.get("history") or [{}])[-1]
-            got = ", ".join([f"top-1 {meas['top1_agreement']:.3f}"] if "top1_agreement" in meas else []) + \
-                "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items()) + \
-                "".join(f"; decode input cos({o}) {c:.4f} (reported)" for o, c in
-                        (meas.get("decode_inputs_cosine") or {}).items())
-            on = f"{fl.get('measured_on', 'calibration samples')} ({fl.get('samples', '-')})"
-            note = fl.get("note") or ("" if fl.get("met") else "nothing holds it: the pass returned its input unchanged")
-            L.append(f"| {name} | {spec} | {on} | {got.lstrip('; ')} | {fl.get('met')} | {note} |")
+    L += _floors_section(r)
     posts = [(s["name"], s["stats"]["postprocess"]) for s in r["passes"] if (s.get("stats") or {}).get("postprocess")]
     if posts:
         L += ["", "### Decode / post-processing region (left in float, never pruned)", ""]
@@ -147,6 +133,27 @@ def _pre(p: dict | None) -> str:
         return p.get("note", "not an image input")
     return (f"mean {p['mean']}, std {p['std']}, scale {p['scale']:.6g}, {p['layout']}, values in "
             f"[{p['value_range'][0]:.3f}, {p['value_range'][1]:.3f}]" + (f" ({p['note']})" if p.get("note") else ""))
+
+
+def _floors_section(r: dict) -> list[str]:
+    """The floor each lossy pass held: threshold, the split and sample count it was measured on, the result."""
+    L: list[str] = []
+    floors = [(s["name"], s["stats"]["floor"]) for s in r["passes"] if isinstance((s.get("stats") or {}).get("floor"), dict)]
+    if floors:
+        L += ["", "### Fidelity floors held by each pass (vs the original)", "",
+              "| pass | floor | measured on | measured | met | note |", "|---|---|---|---|---|---|"]
+        for name, fl in floors:
+            spec = ", ".join(f"{k} {v}" for k, v in fl.items()
+                             if k in ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope") and v is not None)
+            meas = fl.get("measured") or (fl.get("history") or [{}])[-1]
+            got = ", ".join([f"top-1 {meas['top1_agreement']:.3f}"] if "top1_agreement" in meas else []) + \
+                "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items()) + \
+                "".join(f"; decode input cos({o}) {c:.4f} (reported)" for o, c in
+                        (meas.get("decode_inputs_cosine") or {}).items())
+            on = f"{fl.get('measured_on', 'calibration samples')} ({fl.get('samples', '-')})"
+            note = fl.get("note") or ("" if fl.get("met") else "nothing holds it: the pass returned its input unchanged")
+            L.append(f"| {name} | {spec} | {on} | {got.lstrip('; ')} | {fl.get('met')} | {note} |")
+    return L
 
 
 def _policy_section(r: dict) -> list[str]:
