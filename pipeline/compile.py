@@ -165,13 +165,8 @@ def _compile_model(opts: CompileOptions) -> dict:
     cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
     executor = make_executor(opts.cluster)  # results never depend on it (see core.executor)
     tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
-    ctx = PassContext(calib_batches=lambda: calib.iter_feeds(), calib_labels=calib.labels, reference_model=reference,
-                      torch_model=torch_module, quant_dialect=target.DIALECT, seed=opts.seed, cache_dir=cache_dir,
-                      threads=opts.threads[0], progress=_progress, target_probe=tprobe,
-                      latency_probe=getattr(tprobe, "model_latency_ms", None),
-                      input_shapes=dict(concrete) if concrete else None,
-                      validate_batches=lambda: splits.validate.iter_feeds(), validate_labels=splits.validate.labels,
-                      fidelity=recipe.floor_spec(len(splits.validate)), executor=executor)
+    ctx = _pass_context(opts, recipe, splits, reference, torch_module, target.DIALECT, cache_dir, tprobe, executor,
+                        concrete)
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     try:
         result = run_recipe(model, recipe, ctx)
@@ -194,7 +189,6 @@ def _compile_model(opts: CompileOptions) -> dict:
         build = target.build(final, tmp, bctx)
         _progress("measuring fidelity on the fit, validate and held-out eval splits")
         by_split = {k: measure_fidelity(tmp / "model.onnx", reference, d, opt_level=opts.opt_level) for k, d in splits.items()}
-        fidelity = by_split["eval"]
         bench = run_bench(target, tmp, reference, bctx, opts) if opts.bench else {"skipped": "benchmark disabled (--no-bench)"}
         report = {
             "schema_version": rep.SCHEMA_VERSION,
@@ -205,10 +199,7 @@ def _compile_model(opts: CompileOptions) -> dict:
             "target": opts.target,
             "recipe": {**recipe.to_dict(), "yaml": recipe.to_yaml()},
             "seed": opts.seed,
-            "data": {"calib_samples": len(calib), "validate_samples": len(splits.validate), "eval_samples": len(evals),
-                     "description": calib.description, "validate_description": splits.validate.description,
-                     "eval_description": evals.description, "disjoint": bool(splits.disjoint.get("disjoint")),
-                     "disjointness": splits.disjoint, "labels": calib.labels is not None},
+            "data": data_record(splits),
             "preprocess": pre_rec,
             "fidelity_policy": policy,
             "fidelity_splits": {k: {"samples": len(d), "summary": by_split[k]["summary"]} for k, d in splits.items()},
@@ -217,7 +208,7 @@ def _compile_model(opts: CompileOptions) -> dict:
             "costs": {"original": {**count_costs(reference, concrete).as_dict(), "model_bytes": ref_bytes},
                       "final": {**count_costs(final, concrete).as_dict(), "model_bytes": final_bytes}},
             "bench": bench,
-            "fidelity": fidelity,
+            "fidelity": by_split["eval"],
             "target_build": {k: v for k, v in build.items() if k != "artifacts"},
             "artifacts": sorted(set(build.get("artifacts", [])) | {"model.onnx", "report.json", "report.md", "manifest.json"}),
             "command": opts.command or "edgec compile",
@@ -239,6 +230,29 @@ def _compile_model(opts: CompileOptions) -> dict:
         rep.write_json(tmp / "manifest.json", manifest)
     report["out"] = str(out)
     return report
+
+
+def _pass_context(opts, recipe, splits, reference, torch_module, dialect, cache_dir, tprobe, executor, concrete):
+    """Passes fit on the fit split, gate every fidelity decision on the validate split under the recipe's policy,
+    and time candidates with the target's probe (latency_probe: prune.target_latency_ms)."""
+    fit, val = splits.fit, splits.validate
+    return PassContext(calib_batches=lambda: fit.iter_feeds(), calib_labels=fit.labels, reference_model=reference,
+                       torch_model=torch_module, quant_dialect=dialect, seed=opts.seed, cache_dir=cache_dir,
+                       threads=opts.threads[0], progress=_progress, target_probe=tprobe,
+                       latency_probe=getattr(tprobe, "model_latency_ms", None),
+                       input_shapes=dict(concrete) if concrete else None,
+                       validate_batches=lambda: val.iter_feeds(), validate_labels=val.labels,
+                       fidelity=recipe.floor_spec(len(val)), executor=executor)
+
+
+def data_record(splits) -> dict:
+    """The report's `data`: sample counts and sources of fit (calib_*), validate and eval, and how their
+    disjointness was checked."""
+    fit, val, ev = splits.fit, splits.validate, splits.eval
+    return {"calib_samples": len(fit), "validate_samples": len(val), "eval_samples": len(ev),
+            "description": fit.description, "validate_description": val.description,
+            "eval_description": ev.description, "disjoint": bool(splits.disjoint.get("disjoint")),
+            "disjointness": splits.disjoint, "labels": fit.labels is not None}
 
 
 def _collect_plots(stages, outdir: Path) -> None:
