@@ -127,3 +127,49 @@ def test_taylor_scores_zero_for_dead_channel():
     s = taylor_scores(m, [g], ctx, samples=4)[g.id]
     assert s.shape == (g.size,) and s[1] == 0.0 and (s >= 0).all() and s.sum() > 0
     assert isinstance(m, onnx.ModelProto)
+
+
+def _obs_reference(problems, n, ridge=1e-3):
+    """Greedy structured OBS written plainly: every candidate block inverted on its own, full-size updates."""
+    state = []
+    for G, W, tt, idx in problems:
+        d = G.shape[0]
+        Hinv = np.linalg.inv(G + ridge * max(np.trace(G) / d, 1e-12) * np.eye(d))
+        state.append([Hinv, np.asarray(W, np.float64).copy(), max(tt, 1e-30), np.asarray(idx).reshape(n, -1)])
+    alive, order, cum, total = np.ones(n, bool), [], [], 0.0
+    for _ in range(n - 1):
+        cand = np.flatnonzero(alive)
+        err = np.zeros(len(cand))
+        for Hinv, W, tt, idx in state:
+            for t, c in enumerate(cand):
+                B = idx[c]
+                err[t] += float(np.einsum("ij,ij->", W[:, B] @ np.linalg.pinv(Hinv[np.ix_(B, B)]), W[:, B])) / tt
+        c = int(cand[int(np.argmin(err))])
+        total += float(err.min())
+        order.append(c)
+        cum.append(total)
+        alive[c] = False
+        for s in state:
+            Hinv, W, _, idx = s
+            B = idx[c]
+            Hb = np.linalg.pinv(Hinv[np.ix_(B, B)])
+            W -= (W[:, B] @ Hb) @ Hinv[B, :]
+            Hinv -= Hinv[:, B] @ Hb @ Hinv[B, :]
+            W[:, B] = 0.0
+    return np.asarray(order), np.asarray(cum)
+
+
+@pytest.mark.parametrize("n,taps,consumers", [(90, 1, 2), (24, 9, 1), (16, 4, 2)])
+def test_obs_order_matches_plain_greedy(n, taps, consumers):
+    """The batched candidate errors and the compaction to live features choose the plain greedy OBS order."""
+    rng = np.random.default_rng(n)
+    probs = []
+    for _ in range(consumers):
+        d = n * taps + 1
+        X = rng.standard_normal((3 * d, d))
+        G, W = X.T @ X, rng.standard_normal((20, d))
+        probs.append((G, W, float(np.einsum("ij,ij->", W, W @ G)), np.arange(n * taps).reshape(n, taps)))
+    o_ref, c_ref = _obs_reference(probs, n)
+    order, cum = C.obs_order(probs, n)
+    np.testing.assert_array_equal(order[:-1], o_ref)
+    np.testing.assert_allclose(cum[:-1], c_ref, rtol=1e-9)
