@@ -205,13 +205,13 @@ class RayExecutor:
             if kind == "local":
                 mb = int(object_store_mb or os.environ.get("EDGEC_RAY_OBJECT_STORE_MB", 300))
                 ray.init(num_cpus=int(value), object_store_memory=mb * 1024 * 1024, **kw)
-                self._owns = True
             else:
                 addr = {"auto": "auto", "client": value, "gcs": value}[kind]
                 kw.pop("include_dashboard")
                 if kind == "client":
                     kw.pop("log_to_driver")
                 ray.init(address=addr, **kw)
+            self._owns = True  # close() stops a local:N Ray, or disconnects from a cluster (which keeps running)
         except EdgecError:
             raise
         except Exception as e:  # ConnectionError, RuntimeError, ValueError from ray.init: one line
