@@ -11,7 +11,8 @@ its inputs for every layer costs O(layers x model) per sample. A walker instead 
 so every node runs once per sample over the whole refit, on the weights it has when it runs. A node runs only when
 a request depends on it, so a refit layer normally runs after its refit; if a refit changes a node that already ran
 (a residual partner computed ahead of its own refit), `changed(node)` drops the state and the walk restarts from
-the inputs, which gives the values a from-scratch run would give. Graphs with subgraph attributes (If/Loop) are not
+the inputs, which gives the values a from-scratch run would give; so does a request for a tensor the state dropped
+because every node reading it ran ahead of its turn (a downsample conv run early as a residual partner). Graphs with subgraph attributes (If/Loop) are not
 walked (outer-scope names are not tracked): `Walker.supports(model)` is False and callers run whole prefixes.
 """
 from __future__ import annotations
@@ -72,8 +73,9 @@ class Walker:
             i = self.producer.get(t)
             if i is None:
                 raise KeyError(f"tensor {t!r} has no producer and is not an input")
-            if i in self.done:
-                raise RuntimeError(f"tensor {t!r} was dropped from the walk's state")  # liveness bug guard
+            if i in self.done:  # its consumers all ran (one ahead of its turn, e.g. a residual partner): restart
+                self.reset()
+                return self.need(names)
             if i not in todo:
                 todo.add(i)
                 stack.extend(x for x in self.nodes[i].input if x)
