@@ -207,7 +207,17 @@ def as_progress(p: Progress | Callable[[str], None] | None) -> Progress:
 
 
 class LogHandler(logging.StreamHandler):
-    """A stderr handler that prints above an active tqdm bar instead of through it."""
+    """A stderr handler that prints above an active tqdm bar instead of through it. It writes to whatever
+    `sys.stderr` is when a record is emitted (not the stream it was created with), so a replaced or closed stderr
+    (a test's capture, a redirect) never receives a stale write."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always follows sys.stderr
+        pass
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -235,7 +235,11 @@ def test_default_recipe_with_dynamic_axes(name, models, tmp_path):
     at both verification shapes."""
     rec = models[name]
     out = tmp_path / "dyn_default"
-    report = compile_model(_options(rec, "default", out, dynamic=",".join(rec.dynamic)))
+    # What is under test is the mechanism (MACs and layer timing at the compile shape with symbolic inputs). On
+    # validate, the random-weight attention model (near-tied logits) keeps neither cosine 0.99 nor top-1 0.95 once
+    # any channel goes, so under the default policy prune rightly backs off; a looser policy lets it remove channels.
+    report = compile_model(_options(rec, "default", out, dynamic=",".join(rec.dynamic),
+                                    overrides=["fidelity.min_cosine=0.95", "fidelity.min_top1_agreement=0.5"]))
     macs = {p["name"]: p["costs"]["macs"] for p in report["passes"]}
     assert all(v > 0 for v in macs.values()), macs
     assert macs["prune"] < macs["cleanup"], "no channel removed with dynamic axes"
