@@ -30,23 +30,46 @@ def test_parse_memory_rejects(text):
         parse_memory(text)
 
 
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    """Guards that trip are run in a child: a watchdog's hard stop (os._exit) must never take pytest down with it,
+    whatever else the machine is doing while the test runs."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
 def test_guard_stops_python_allocation_loop_with_one_line():
-    limit = current_rss() + (150 << 20)
-    hog = []
-    with pytest.raises(MemoryLimitExceeded) as ei:
-        with MemoryGuard(limit, stage="calibration"):
-            for _ in range(400):  # would reach 4 GB
-                hog.append(np.ones(10 << 20, np.uint8))
-    hog.clear()
-    msg = str(ei.value)
+    r = _run_isolated("""
+        import json, numpy as np
+        from edgec.pipeline.guards import MemoryGuard, MemoryLimitExceeded, current_rss
+        hog = []
+        try:
+            with MemoryGuard(current_rss() + (150 << 20), stage="calibration"):
+                for _ in range(400):  # would reach 4 GB
+                    hog.append(np.ones(10 << 20, np.uint8))
+            print(json.dumps({"raised": False}))
+        except MemoryLimitExceeded as e:
+            hog.clear()
+            print(json.dumps({"raised": True, "msg": str(e), "exit_code": e.exit_code}))
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    msg = out.get("msg", "")
+    assert out["raised"] and out["exit_code"] == 2
     assert "\n" not in msg and "memory limit exceeded during calibration" in msg and "--max-memory" in msg
-    assert ei.value.exit_code == 2
 
 
 def test_guard_quiet_when_under_limit():
-    with MemoryGuard(current_rss() + (1 << 30)) as g:
-        x = np.ones(1 << 20)
-    assert not g.tripped and g.peak > 0 and x.sum() == 1 << 20
+    r = _run_isolated("""
+        import numpy as np
+        from edgec.pipeline.guards import MemoryGuard, current_rss
+        with MemoryGuard(current_rss(False) + (1 << 30), children=False) as g:
+            x = np.ones(1 << 20)
+        print(g.tripped, g.peak > 0, int(x.sum()))
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "True", str(1 << 20)]
 
 
 def test_guard_refuses_limit_below_current_use():
