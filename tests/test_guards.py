@@ -51,6 +51,14 @@ def test_guard_stops_python_allocation_loop_with_one_line():
             hog.clear()
             print(json.dumps({"raised": True, "msg": str(e), "exit_code": e.exit_code}))
     """)
+    # Either stop is the guard working: the soft one (MemoryLimitExceeded in the main thread) or, when the loaded
+    # machine schedules the main thread too late and RSS passes 1.25x the limit first, the watchdog's hard stop.
+    # Both give exit code 2 and the same one line.
+    if r.returncode == 2:  # hard stop
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("edgec: error: memory limit exceeded during calibration"), lines
+        assert "--max-memory" in lines[0] and "Traceback" not in r.stderr
+        return
     assert r.returncode == 0, r.stderr[-2000:]
     import json
 
