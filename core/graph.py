@@ -186,3 +186,23 @@ class Graph:
         self.inits[name] = self.model.graph.initializer[-1]
         self.uses[name] += 0
         return name
+
+    def taken(self, name: str) -> bool:
+        """Whether `name` is already an initializer or read anywhere (a new tensor must not use it)."""
+        return name in self.inits or name in self.uses
+
+    def write_input(self, node: onnx.NodeProto, k: int, arr: np.ndarray) -> None:
+        """Make node.input[k] hold `arr`: overwrite the constant when this node is its only reader, else give the
+        node its own copy, named <name>__<node name or op> (+ _<n> on a clash)."""
+        name = node.input[k]
+        if self.uses.get(name, 0) <= 1:
+            self.set_const(name, arr)
+            return
+        self.uses[name] -= 1
+        new, n = f"{name}__{node.name or node.op_type}", 0
+        while self.taken(new):
+            n += 1
+            new = f"{name}__{node.name or node.op_type}_{n}"
+        self.add_initializer(new, arr)
+        self.uses[new] = 1
+        node.input[k] = new

@@ -15,9 +15,8 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-
-from edgec.passes.prune.graph import Group, _analysis, _attr, _check_groups
+from edgec.core.graph import Graph, attr, del_attr, opset, set_attr
+from edgec.passes.prune.graph import Group, _analysis, _check_groups
 
 log = logging.getLogger(__name__)
 
@@ -39,76 +38,6 @@ def _validate(g: Group, idx) -> np.ndarray:
             raise ValueError(f"group {g.id}: keep equally many channels in each of its {g.align} blocks "
                              f"of {bs} (grouped conv); got {counts.tolist()}")
     return idx
-
-
-class _Consts:
-    """Read/write constants held as initializers or Constant nodes of a (copied) model."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.inits = {i.name: i for i in model.graph.initializer}
-        self.cnodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-        self.uses: dict[str, int] = {}
-        for n in model.graph.node:
-            for x in n.input:
-                self.uses[x] = self.uses.get(x, 0) + 1
-        for o in model.graph.output:
-            self.uses[o.name] = self.uses.get(o.name, 0) + 1
-        self._n = 0
-
-    def get(self, name: str) -> np.ndarray:
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        n = self.cnodes[name]
-        return numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value"))
-
-    def replace(self, name: str, arr: np.ndarray) -> None:
-        """Overwrite the constant in place (every user sees the new value)."""
-        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
-        if name in self.inits:
-            self.inits[name].CopyFrom(t)
-        else:
-            a = next(a for a in self.cnodes[name].attribute if a.name == "value")
-            a.t.CopyFrom(t)
-
-    def write(self, node: onnx.NodeProto, k: int, arr: np.ndarray) -> None:
-        """Set node.input[k] to arr, cloning the constant if other nodes share it."""
-        name = node.input[k]
-        if self.uses.get(name, 0) <= 1:
-            self.replace(name, arr)
-            return
-        self.uses[name] -= 1
-        new = f"{name}__{node.name or node.op_type}"
-        while new in self.inits or new in self.uses:
-            self._n += 1
-            new = f"{name}__{node.name or node.op_type}_{self._n}"
-        self.add(new, arr)
-        node.input[k] = new
-
-    def add(self, name: str, arr: np.ndarray) -> None:
-        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
-        self.model.graph.initializer.append(t)
-        self.inits[name] = self.model.graph.initializer[-1]
-        self.uses[name] = 1
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for k, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[k]
-            break
-    node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
-def _del_attr(node: onnx.NodeProto, name: str) -> None:
-    for k, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[k]
-            return
 
 
 def _slice_array(arr: np.ndarray, axis: int, block: int, mask: np.ndarray) -> np.ndarray:
@@ -158,6 +87,74 @@ def _self_check(model: onnx.ModelProto) -> onnx.ModelProto:
         raise RuntimeError(f"channel removal produced an invalid graph (please report): {first}") from None
 
 
+def _slice_initializers(an, consts: Graph, nodes: list, mask) -> None:
+    """W' = compress(W, m(t), axis) for every channel axis of every initializer."""
+    # initializers: users slicing alike share one array; with several classes each changed class gets a copy
+    for nm, classes in an.init_classes.items():
+        classes = list(classes.values())
+        for specs, uses in classes:
+            if all(mask(t).all() for t in specs.values()):
+                continue
+            arr = consts[nm]
+            for (axis, block), t in sorted(specs.items(), key=lambda kv: -kv[0][1]):
+                arr = _slice_array(arr, axis, block, mask(t))
+            if len(classes) == 1:
+                consts.set_const(nm, arr)
+                continue
+            node = nodes[uses[0][0]]
+            new = f"{nm}__{node.name or node.op_type}"
+            while consts.taken(new):
+                new += "_"
+            consts.add_initializer(new, arr)
+            for ni, k in uses:
+                nodes[ni].input[k] = new
+
+
+def _rewrite_shape_records(an, consts: Graph, nodes: list, mask, opset_v: int) -> None:
+    """Depthwise group counts, Split sizes, Slice bounds and Reshape/Resize channel entries after removal."""
+    for r in an.recs:
+        m = mask(r.t)
+        if m.all():
+            continue
+        node = nodes[r.node]
+        if r.kind == "setgroup":
+            set_attr(node, "group", int(m.sum()))
+        elif r.kind == "split":
+            sizes, off, new = r.data["sizes"], 0, []
+            for s in sizes:
+                new.append(int(m[off:off + s].sum()))
+                off += s
+            arr = np.asarray(new, np.int64)
+            if attr(node, "split", None) is not None:
+                set_attr(node, "split", new)
+            elif len(node.input) > 1 and node.input[1]:
+                consts.write_input(node, 1, arr)
+            elif opset_v < 13:
+                set_attr(node, "split", new)
+            else:
+                del_attr(node, "num_outputs")
+                name = f"{node.name or 'split'}_sizes"
+                while consts.taken(name):
+                    name += "_"
+                consts.add_initializer(name, arr)
+                while len(node.input) < 2:
+                    node.input.append("")
+                node.input[1] = name
+        elif r.kind == "slice":
+            k, lo, hi = r.data["k"], r.data["lo"], r.data["hi"]
+            nlo = int(m[:lo].sum())
+            nhi = nlo + int(m[lo:hi].sum())
+            for inp, v in ((1, nlo), (2, nhi)):
+                arr = consts[node.input[inp]].copy()
+                arr[k] = v
+                consts.write_input(node, inp, arr)
+        elif r.kind in ("reshape", "resize"):
+            inp = 1 if r.kind == "reshape" else r.data["inp"]
+            arr = consts[node.input[inp]].copy()
+            arr[r.data["index"]] = int(m.sum())
+            consts.write_input(node, inp, arr)
+
+
 def remove_channels(model: onnx.ModelProto, keep: dict[int, np.ndarray],
                     groups: list[Group] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Keep only channels keep[g] (sorted indices within group g) of each group; returns (new model, stats)."""
@@ -181,7 +178,7 @@ def remove_channels(model: onnx.ModelProto, keep: dict[int, np.ndarray],
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = list(out.graph.node)
-    consts = _Consts(out)
+    consts = Graph(out)
     masks: dict[str, np.ndarray] = {}
 
     def mask(t: str) -> np.ndarray:
@@ -189,68 +186,8 @@ def remove_channels(model: onnx.ModelProto, keep: dict[int, np.ndarray],
             masks[t] = ~removed[an.t_comps[t]]
         return masks[t]
 
-    # initializers: users slicing alike share one array; with several classes each changed class gets a copy
-    for nm, classes in an.init_classes.items():
-        classes = list(classes.values())
-        for specs, uses in classes:
-            if all(mask(t).all() for t in specs.values()):
-                continue
-            arr = consts.get(nm)
-            for (axis, block), t in sorted(specs.items(), key=lambda kv: -kv[0][1]):
-                arr = _slice_array(arr, axis, block, mask(t))
-            if len(classes) == 1:
-                consts.replace(nm, arr)
-                continue
-            node = nodes[uses[0][0]]
-            new = f"{nm}__{node.name or node.op_type}"
-            while new in consts.inits or new in consts.uses:
-                new += "_"
-            consts.add(new, arr)
-            for ni, k in uses:
-                nodes[ni].input[k] = new
-
-    opset = _opset(out)
-    for r in an.recs:
-        m = mask(r.t)
-        if m.all():
-            continue
-        node = nodes[r.node]
-        if r.kind == "setgroup":
-            _set_attr(node, "group", int(m.sum()))
-        elif r.kind == "split":
-            sizes, off, new = r.data["sizes"], 0, []
-            for s in sizes:
-                new.append(int(m[off:off + s].sum()))
-                off += s
-            arr = np.asarray(new, np.int64)
-            if _attr(node, "split", None) is not None:
-                _set_attr(node, "split", new)
-            elif len(node.input) > 1 and node.input[1]:
-                consts.write(node, 1, arr)
-            elif opset < 13:
-                _set_attr(node, "split", new)
-            else:
-                _del_attr(node, "num_outputs")
-                name = f"{node.name or 'split'}_sizes"
-                while name in consts.inits or name in consts.uses:
-                    name += "_"
-                consts.add(name, arr)
-                while len(node.input) < 2:
-                    node.input.append("")
-                node.input[1] = name
-        elif r.kind == "slice":
-            k, lo, hi = r.data["k"], r.data["lo"], r.data["hi"]
-            nlo = int(m[:lo].sum())
-            nhi = nlo + int(m[lo:hi].sum())
-            for inp, v in ((1, nlo), (2, nhi)):
-                arr = consts.get(node.input[inp]).copy()
-                arr[k] = v
-                consts.write(node, inp, arr)
-        elif r.kind in ("reshape", "resize"):
-            inp = 1 if r.kind == "reshape" else r.data["inp"]
-            arr = consts.get(node.input[inp]).copy()
-            arr[r.data["index"]] = int(m.sum())
-            consts.write(node, inp, arr)
+    _slice_initializers(an, consts, nodes, mask)
+    _rewrite_shape_records(an, consts, nodes, mask, opset(out))
 
     dropped = _drop_dead(out)
     del out.graph.value_info[:]
