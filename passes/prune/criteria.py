@@ -238,14 +238,17 @@ def recon_problems(model, groups, layers_of, feeds, samples: int, *, max_positio
     layers_of[gid] -> consumer_layers(model, g) dicts. Grams are accumulated from the unpruned model's activations.
     Groups whose restricted feature count exceeds max_dim (or with unsupported consumers) get no problem."""
     from edgec.calib.activations import stream_activations
-    from edgec.passes.prune.recover import Layer, _node_by_name, _get, _attrs, conv_patches
+    from edgec.core.graph import Graph, attrs
+    from edgec.passes.prune.recover import Layer, conv_patches
+
+    gr = Graph(model)
 
     rng = np.random.default_rng([seed, 4242])
     plan = {}  # gid -> list of (layer, positions, taps, W restricted (o, d+1))
     for g in groups:
         items = []
         for L in layers_of.get(g.id, []):
-            node = _node_by_name(model, L["node"])
+            node = gr.node(L["node"])
             lay, why = Layer.from_node(model, node)
             if lay is None or (L["op"] == "Conv" and L.get("group", 1) != 1):
                 items = None
@@ -255,7 +258,7 @@ def recon_problems(model, groups, layers_of, feeds, samples: int, *, max_positio
                 items = None
                 break
             pos = pos[:, 0]
-            W = _get(model, lay.weight).astype(np.float64)
+            W = gr[lay.weight].astype(np.float64)
             if lay.op == "Conv":
                 taps = int(np.prod(W.shape[2:]))
                 Wg = W[:, pos].reshape(W.shape[0], -1)
@@ -266,7 +269,7 @@ def recon_problems(model, groups, layers_of, feeds, samples: int, *, max_positio
             if g.size * taps > max_dim:
                 items = None
                 break
-            b = _get(model, lay.bias).astype(np.float64).reshape(-1) if lay.bias else np.zeros(Wg.shape[0])
+            b = gr[lay.bias].astype(np.float64).reshape(-1) if lay.bias else np.zeros(Wg.shape[0])
             items.append({"layer": lay, "node": node, "pos": pos, "taps": taps,
                           "A": np.concatenate([Wg, b[:, None]], 1), "G": None})
         if items:
@@ -280,8 +283,8 @@ def recon_problems(model, groups, layers_of, feeds, samples: int, *, max_positio
                 lay = it["layer"]
                 x = acts[lay.input]
                 if lay.op == "Conv":
-                    a = _attrs(it["node"])
-                    kh_kw = tuple(_get(model, lay.weight).shape[2:])
+                    a = attrs(it["node"])
+                    kh_kw = tuple(gr[lay.weight].shape[2:])
                     xs = x[0][it["pos"]]
                     X = conv_patches(xs, kh_kw, tuple(a.get("strides", (1, 1))), tuple(a.get("pads", (0, 0, 0, 0))),
                                      tuple(a.get("dilations", (1, 1))))

@@ -25,50 +25,30 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgec.core.graph import Graph, attrs
 from edgec.passes.prune.walk import Walker
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- model helpers
-def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
 def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return numpy_helper.to_array(_inits(model)[name])
-
-
-def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
-    for i, t in enumerate(model.graph.initializer):
-        if t.name == name:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(t).dtype), name))
-            return
-    model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return Graph(model)[name]
 
 
 def _node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
-    for n in model.graph.node:
-        if n.name == name:
-            return n
-    return None
+    return Graph(model).node(name)
 
 
-def _unique_name(model: onnx.ModelProto, base: str) -> str:
-    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    name, k = base, 0
-    while name in names:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+_attrs = attrs  # TODO(renovation): prune_pass still reads R._attrs/_get/_node_by_name; goes with its split
 
 
-def _uses(model: onnx.ModelProto, name: str) -> int:
-    return sum(1 for n in model.graph.node for i in n.input if i == name)
+def _put(g: Graph, name: str, value: np.ndarray) -> None:
+    """Overwrite initializer `name` (keeping its dtype), or add it."""
+    if name in g.inits:
+        g.set_const(name, value.astype(numpy_helper.to_array(g.inits[name]).dtype))
+    else:
+        g.add_initializer(name, value)
 
 
 def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
@@ -194,17 +174,18 @@ class Layer:
 
     @classmethod
     def from_node(cls, model: onnx.ModelProto, node: onnx.NodeProto) -> tuple["Layer | None", str]:
-        inits = _inits(model)
+        g = Graph(model)
+        inits = g.inits
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             return None, f"{node.op_type} is not refittable"
         if len(node.input) < 2 or node.input[1] not in inits:
             return None, "weight is not an initializer"
-        if _uses(model, node.input[1]) > 1:
+        if g.uses.get(node.input[1], 0) > 1:
             return None, "weight initializer is shared"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is not None and bias not in inits:
             return None, "bias is not an initializer"
-        a = _attrs(node)
+        a = attrs(node)
         if node.op_type == "Conv":
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 return None, "auto_pad is not NOTSET"
@@ -223,7 +204,7 @@ class Layer:
         """Per weight group g: (X_g (P, d_g), T_g (P, o_g))."""
         node = _node_by_name(model, self.node)
         if self.op == "Conv":
-            a = _attrs(node)
+            a = attrs(node)
             W = _get(model, self.weight)
             o, cg, kh, kw = W.shape
             groups = int(a.get("group", 1))
@@ -255,11 +236,11 @@ class Layer:
         W = _get(model, self.weight).astype(np.float64)
         node = _node_by_name(model, self.node)
         if self.op == "Conv":
-            groups = int(_attrs(node).get("group", 1))
+            groups = int(attrs(node).get("group", 1))
             o = W.shape[0]
             og = o // groups
             return [W[g * og:(g + 1) * og].reshape(og, -1) for g in range(groups)]
-        if self.op == "Gemm" and _attrs(node).get("transB", 0):
+        if self.op == "Gemm" and attrs(node).get("transB", 0):
             return [W]
         return [W.T]
 
@@ -270,35 +251,37 @@ class Layer:
         return self.op in ("Conv", "Gemm")
 
     def write(self, model: onnx.ModelProto, Ws: list[np.ndarray], b: np.ndarray | None) -> None:
-        node = _node_by_name(model, self.node)
-        W0 = _get(model, self.weight)
+        g = Graph(model)
+        node = g.node(self.node)
+        W0 = g[self.weight]
         if self.op == "Conv":
             W = np.concatenate(Ws, 0).reshape(W0.shape)
-        elif self.op == "Gemm" and _attrs(node).get("transB", 0):
+        elif self.op == "Gemm" and attrs(node).get("transB", 0):
             W = Ws[0]
         else:
             W = Ws[0].T
-        _set(model, self.weight, W.astype(W0.dtype))
-        if b is not None:
-            if self.bias is None:
-                name = _unique_name(model, self.weight + "_bias")
-                while len(node.input) < 2:
-                    node.input.append("")
-                if len(node.input) == 2:
-                    node.input.append(name)
-                else:
-                    node.input[2] = name
-                self.bias = name
-                _set(model, name, b.astype(W0.dtype))
+        _put(g, self.weight, W.astype(W0.dtype))
+        if b is None:
+            return
+        if self.bias is None:
+            name = g.unique_name(self.weight + "_bias")
+            while len(node.input) < 2:
+                node.input.append("")
+            if len(node.input) == 2:
+                node.input.append(name)
             else:
-                b0 = _get(model, self.bias)
-                if _uses(model, self.bias) > 1:  # shared (e.g. deduplicated zeros): give this node its own copy
-                    name = _unique_name(model, f"{self.weight}_bias")
-                    node.input[2] = name
-                    self.bias = name
-                    model.graph.initializer.append(numpy_helper.from_array(b.reshape(b0.shape).astype(b0.dtype), name))
-                else:
-                    _set(model, self.bias, b.reshape(b0.shape).astype(b0.dtype))
+                node.input[2] = name
+            self.bias = name
+            _put(g, name, b.astype(W0.dtype))
+            return
+        b0 = g[self.bias]
+        if g.uses.get(self.bias, 0) > 1:  # shared (e.g. deduplicated zeros): give this node its own copy
+            name = g.unique_name(f"{self.weight}_bias")
+            node.input[2] = name
+            self.bias = name
+            g.add_initializer(name, b.reshape(b0.shape).astype(b0.dtype))
+        else:
+            _put(g, self.bias, b.reshape(b0.shape).astype(b0.dtype))
 
 
 def residual_partner(model: onnx.ModelProto, out: str) -> tuple[str, str] | None:
@@ -318,6 +301,48 @@ def residual_partner(model: onnx.ModelProto, out: str) -> tuple[str, str] | None
 
 # ----------------------------------------------------------------------------- least squares
 CV_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def _refit_target(model, name, ref_tensors, max_dim, residual_target):
+    """(layer, weight matrices, residual partner, "") for a refittable node, else (None, None, None, why)."""
+    layer, why = Layer.from_node(model, _node_by_name(model, name))
+    if layer is None:
+        return None, None, None, why
+    if layer.output not in ref_tensors:
+        return None, None, None, "output tensor not in the reference model"
+    Ws = layer.weight_matrices(model)
+    d = Ws[0].shape[1]
+    if d > max_dim:
+        return None, None, None, f"{d} input features > max_dim {max_dim}"
+    part = residual_partner(model, layer.output) if residual_target else None
+    if part is not None and part[0] not in ref_tensors:
+        part = None
+    return layer, Ws, part, ""
+
+
+def _gather(model, reference, layer, src, walkers, part, keep_out, rng, bias, *, samples, max_positions, threads):
+    """Gram accumulators per weight group: pruned-model inputs X against reference targets T (minus the pruned
+    residual partner when the layer feeds a residual Add)."""
+    pruned_names = [layer.input] + ([part[1]] if part else [])
+    ref_names = [part[0] if part else layer.output]
+    accs: dict[int, GramAccumulator] = {}
+    w = walkers(src)
+    if w is not None:
+        it_p, it_r = w[0].need(pruned_names), w[1].need(ref_names)
+    else:
+        it_p = stream_pair(model, pruned_names, _limit(src(), samples), threads)
+        it_r = stream_pair(reference, ref_names, _limit(src(), samples), threads)
+    for ap, ar in zip(it_p, it_r):
+        t = ar[ref_names[0]]
+        if keep_out is not None:
+            t = np.take(t, keep_out, axis=1 if layer.op == "Conv" else -1)
+        if part:
+            t = t - ap[part[1]]
+        for g, X, T in layer.rows(model, ap[layer.input], t, rng, max_positions):
+            if g not in accs:
+                accs[g] = GramAccumulator(X.shape[1], T.shape[1], bias)
+            accs[g].update(X, T)
+    return accs
 
 
 def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes: list[str],
@@ -359,46 +384,17 @@ def lstsq_refit(model: onnx.ModelProto, reference: onnx.ModelProto, layer_nodes:
         return walks[id(src)]
 
     for k, name in enumerate(layer_nodes):
-        node = _node_by_name(model, name)
-        layer, why = Layer.from_node(model, node)
+        layer, Ws, part, why = _refit_target(model, name, ref_tensors, max_dim, residual_target)
         if layer is None:
             stats[name] = {"skipped": why}
             continue
-        if layer.output not in ref_tensors:
-            stats[name] = {"skipped": "output tensor not in the reference model"}
-            continue
-        Ws = layer.weight_matrices(model)
         d = Ws[0].shape[1]
-        if d > max_dim:
-            stats[name] = {"skipped": f"{d} input features > max_dim {max_dim}"}
-            continue
-        part = residual_partner(model, layer.output) if residual_target else None
-        if part is not None and part[0] not in ref_tensors:
-            part = None
-        pruned_names = [layer.input] + ([part[1]] if part else [])
-        ref_names = [part[0] if part else layer.output]
         bias = fit_bias and (layer.bias is not None or layer.can_add_bias())
         keep_out = (out_channels or {}).get(name)
 
         def gather(src):
-            accs: dict[int, GramAccumulator] = {}
-            w = walkers(src)
-            if w is not None:
-                it_p, it_r = w[0].need(pruned_names), w[1].need(ref_names)
-            else:
-                it_p = stream_pair(model, pruned_names, _limit(src(), samples), threads)
-                it_r = stream_pair(reference, ref_names, _limit(src(), samples), threads)
-            for ap, ar in zip(it_p, it_r):
-                t = ar[ref_names[0]]
-                if keep_out is not None:
-                    t = np.take(t, keep_out, axis=1 if layer.op == "Conv" else -1)
-                if part:
-                    t = t - ap[part[1]]
-                for g, X, T in layer.rows(model, ap[layer.input], t, rng, max_positions):
-                    if g not in accs:
-                        accs[g] = GramAccumulator(X.shape[1], T.shape[1], bias)
-                    accs[g].update(X, T)
-            return accs
+            return _gather(model, reference, layer, src, walkers, part, keep_out, rng, bias,
+                           samples=samples, max_positions=max_positions, threads=threads)
 
         accs = gather(feeds)
         if not accs:
