@@ -106,7 +106,7 @@ class Graph:
         self.uses: dict[str, int] = defaultdict(int)
         self._by_name: dict[str, onnx.NodeProto] = {}
         for i, n in enumerate(self.nodes):
-            if n.op_type == "Constant" and n.output:
+            if n.op_type == "Constant" and n.output and constant_tensor(n) is not None:
                 self.cnodes[n.output[0]] = n
             elif fold_casts and n.op_type in ("Cast", "Identity") and n.input and n.output:
                 t = self.const_tensor(n.input[0])
@@ -124,13 +124,10 @@ class Graph:
         for o in g.output:
             self.uses[o.name] += 1
         self.outputs = [o.name for o in g.output]
+        self.opset = opset(model)
         self.inputs = [i.name for i in g.input if i.name not in self.inits]
 
     # -------------------------------------------------------------------- reading
-    @property
-    def opset(self) -> int:
-        return opset(self.model)
-
     def node(self, name: str) -> onnx.NodeProto | None:
         """The node reported under `name` (see `node_name`)."""
         return self._by_name.get(name)

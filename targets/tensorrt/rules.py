@@ -32,12 +32,13 @@ the first failing rule and node.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
+
+from edgec.core.graph import Graph, attr, node_name, opset
 
 log = logging.getLogger(__name__)
 
@@ -108,30 +109,15 @@ class RuleReport:
             raise EdgecError(f"TensorRT rule check failed: {first.line()}{more}")
 
 
-class _Graph:
-    """Constant lookup and consumers for one (top-level) graph."""
+class _Graph(Graph):
+    """core.graph.Graph (a Cast/Identity of a constant is a constant: TensorRT folds it) plus element types and
+    static shapes of every tensor."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
+        super().__init__(model, fold_casts=True)
         g = model.graph
-        self.consts: dict[str, TensorProto] = {t.name: t for t in g.initializer}
-        for n in g.node:  # topological order: a Cast/Identity of a constant is a constant (TensorRT folds it)
-            if n.op_type == "Constant" and n.output:
-                t = _constant_value(n)
-                if t is not None:
-                    self.consts[n.output[0]] = t
-            elif n.op_type in ("Cast", "Identity") and n.input and n.input[0] in self.consts and n.output:
-                t = _fold(n, self.consts[n.input[0]])
-                if t is not None:
-                    self.consts[n.output[0]] = t
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for n in g.node:
-            for i, x in enumerate(n.input):
-                if x:
-                    self.consumers[x].append((n, i))
-        self.graph_inputs = {i.name for i in g.input} - set(self.consts)
+        self.opset = opset(model, 0)
+        self.graph_inputs = {i.name for i in g.input if not self.is_const(i.name)}
         self.types: dict[str, int] = {}
         self.shapes: dict[str, tuple] = {}
         try:
@@ -145,48 +131,10 @@ class _Graph:
                     self.shapes.setdefault(vi.name, tuple(d.dim_value if d.HasField("dim_value") else None
                                                           for d in vi.type.tensor_type.shape.dim))
         self.io = {i.name for i in g.input} | {o.name for o in g.output}
-        for name, t in self.consts.items():
-            self.types[name] = t.data_type
-
-    def const(self, name: str) -> np.ndarray | None:
-        t = self.consts.get(name)
-        return None if t is None else numpy_helper.to_array(t)
-
-    def is_const(self, name: str) -> bool:
-        return name in self.consts
-
-
-def _constant_value(n: onnx.NodeProto) -> TensorProto | None:
-    for a in n.attribute:
-        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-            return a.t
-        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            v = onnx.helper.get_attribute_value(a)
-            dt = np.float32 if a.name.startswith("value_float") else np.int64
-            return numpy_helper.from_array(np.asarray(v, dt), n.output[0])
-    return None
-
-
-def _fold(n: onnx.NodeProto, t: TensorProto) -> TensorProto | None:
-    if n.op_type == "Identity":
-        return t
-    to = _attr(n, "to", None)
-    try:
-        arr = numpy_helper.to_array(t).astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-        return numpy_helper.from_array(arr, n.output[0])
-    except (TypeError, ValueError, KeyError):
-        return None
-
-
-def _node_name(n: onnx.NodeProto, idx: int) -> str:
-    return n.name or f"{n.op_type}_{idx}"
-
-
-def _attr(n: onnx.NodeProto, name: str, default=None):
-    for a in n.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+        for name in list(self.inits) + list(self.cnodes) + list(self._derived):
+            t = self.const_tensor(name)
+            if t is not None:
+                self.types[name] = t.data_type
 
 
 def _qdq_dtype(g: _Graph, n: onnx.NodeProto) -> int | None:
@@ -194,7 +142,7 @@ def _qdq_dtype(g: _Graph, n: onnx.NodeProto) -> int | None:
     if len(n.input) > 2 and n.input[2] and n.input[2] in g.types:
         return g.types[n.input[2]]
     if n.op_type == "QuantizeLinear":
-        od = _attr(n, "output_dtype", 0)
+        od = attr(n, "output_dtype", 0)
         if od:
             return od
         return g.types.get(n.output[0], TensorProto.UINT8 if len(n.input) < 3 or not n.input[2] else None)
@@ -230,7 +178,7 @@ def _check_dtypes(g: _Graph, rep: RuleReport) -> None:
 
 
 def _check_qdq(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
-    name = _node_name(n, idx)
+    name = node_name(n, idx)
     # --- zero-point, scale and quantized dtype ---
     rep.checked["qdq-zero-point"] += 1
     if not g.is_const(n.input[1]):
@@ -257,7 +205,7 @@ def _check_qdq(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
     rep.checked["qdq-per-channel"] += 1
     s = g.const(n.input[1])
     per_channel = s is not None and s.size > 1
-    blocked = bool(_attr(n, "block_size", 0))
+    blocked = bool(attr(n, "block_size", 0))
     if per_channel or blocked:
         x = n.input[0]
         weight = g.is_const(x)
@@ -272,7 +220,7 @@ def _check_qdq(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
     # --- int4 weight-only on Gemm/MatMul ---
     if qd == TensorProto.INT4 and g.is_const(n.input[0]):
         rep.checked["int4-shape"] += 1
-        dims = tuple(g.consts[n.input[0]].dims)
+        dims = tuple(g.const_tensor(n.input[0]).dims)
         if dims and dims[-1] % 2:
             rep.findings.append(Finding("int4-shape", "error", name,
                                         f"int4 weight '{n.input[0]}' has shape {list(dims)}: the last dimension must be even"))
@@ -301,9 +249,9 @@ def _check_qdq(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
 
 def _check_qdq_axis(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> None:
     """qdq-axis, qdq-scale-count, qdq-opset and qdq-scale-dtype for one Q/DQ node."""
-    name = _node_name(n, idx)
+    name = node_name(n, idx)
     s = g.const(n.input[1])
-    blocked = bool(_attr(n, "block_size", 0))
+    blocked = bool(attr(n, "block_size", 0))
     per_channel = s is not None and s.size > 1 and not blocked
     if per_channel or blocked:
         rep.checked["qdq-opset"] += 1
@@ -313,13 +261,13 @@ def _check_qdq_axis(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> 
                                         f"{'block-wise' if blocked else 'per-channel'} Q/DQ needs opset >= {need}, the model has {g.opset}"))
     if per_channel:
         rep.checked["qdq-axis"] += 1
-        axis = _attr(n, "axis", None)
+        axis = attr(n, "axis", None)
         if axis is None:
             rep.findings.append(Finding("qdq-axis", "error", name,
                                         f"per-channel scale ({s.size} values) without an `axis` attribute: ONNX means "
                                         "axis 1, TensorRT's parser assumes axis 0; set axis explicitly"))
         x = n.input[0]
-        shape = tuple(g.consts[x].dims) if g.is_const(x) else g.shapes.get(x)
+        shape = tuple(g.const_tensor(x).dims) if g.is_const(x) else g.shapes.get(x)
         rep.checked["qdq-scale-count"] += 1
         a = 1 if axis is None else int(axis)
         if shape and -len(shape) <= a < len(shape) and shape[a] is not None and shape[a] > 0 and shape[a] != s.size:
@@ -335,7 +283,7 @@ def _check_qdq_axis(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> 
         for c, _ in g.consumers.get(n.output[0], []):
             tc = g.types.get(c.input[1]) if c.op_type == "DequantizeLinear" and len(c.input) > 1 else None
             if tx and tc and tc != tx:
-                rep.findings.append(Finding("qdq-scale-dtype", "error", _node_name(c, -1),
+                rep.findings.append(Finding("qdq-scale-dtype", "error", node_name(c, -1),
                                             f"DequantizeLinear scale is {_dtype_name(tc)}, its QuantizeLinear input "
                                             f"'{n.input[0]}' is {_dtype_name(tx)}: a strongly typed network needs them equal"))
 
@@ -418,13 +366,13 @@ def _check_channels(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> 
     wname = _weight_source(g, n.input[1])
     if wname is None:
         return
-    shape = tuple(g.consts[wname].dims)
+    shape = tuple(g.const_tensor(wname).dims)
     rep.checked["channel-align"] += 1
-    name = _node_name(n, idx)
+    name = node_name(n, idx)
     if n.op_type in ("Conv", "ConvTranspose"):
         if len(shape) < 3:
             return
-        group = int(_attr(n, "group", 1))
+        group = int(attr(n, "group", 1))
         if n.op_type == "Conv":
             cout, cin = shape[0], shape[1] * group
         else:
@@ -437,7 +385,7 @@ def _check_channels(g: _Graph, idx: int, n: onnx.NodeProto, rep: RuleReport) -> 
     else:
         if len(shape) != 2:
             return
-        trans_b = n.op_type == "Gemm" and int(_attr(n, "transB", 0))
+        trans_b = n.op_type == "Gemm" and int(attr(n, "transB", 0))
         k, m = (shape[1], shape[0]) if trans_b else (shape[0], shape[1])
         dims = [("output features", m), ("input features", k)]
     for what, c in dims:
