@@ -27,6 +27,7 @@ from edgec.passes.prune import allocate as alloc
 from edgec.passes.prune import criteria as crit
 from edgec.passes.prune import evaluate as EV
 from edgec.core.errors import EdgecError
+from edgec.core.graph import attr
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +183,13 @@ def fold_small_constants(model: onnx.ModelProto, max_elems: int = 1 << 16) -> tu
 
 @contextlib.contextmanager
 def _memo_analysis():
-    """Memoise the dependency analysis by model identity while one pass runs (graph.py re-analyses per call)."""
+    """Memoise the dependency analysis by model identity while one pass runs (graph.py re-analyses per call).
+    Swapped where it is looked up: groups.py (analyze, weights.py, cost_model.py), graph.py's and apply.py's names."""
     import edgec.passes.prune.apply as AP
     import edgec.passes.prune.graph as G
+    import edgec.passes.prune.groups as GR
 
-    orig = G._analysis
+    orig = GR._analysis
     cache: dict[int, tuple] = {}
 
     def cached(model):
@@ -195,13 +198,13 @@ def _memo_analysis():
             cache[key] = (model, orig(model))
         return cache[key][1]
 
-    G._analysis = cached
-    AP._analysis = cached
+    for mod in (GR, G, AP):
+        mod._analysis = cached
     try:
         yield
     finally:
-        G._analysis = orig
-        AP._analysis = orig
+        for mod in (GR, G, AP):
+            mod._analysis = orig
 
 
 def _blas_threads(n: int):
@@ -450,7 +453,7 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
         w = R._get(model_ref, node.input[1]) if node is not None and len(node.input) > 1 else None
         n_out = None
         if w is not None:
-            n_out = w.shape[0] if node.op_type == "Conv" or (node.op_type == "Gemm" and R._attrs(node).get("transB", 0)) \
+            n_out = w.shape[0] if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)) \
                 else w.shape[-1]
         if not parts or n_out is None or sum(p[2] for p in parts) != n_out:
             if any(p[0] in keep_idx for p in parts):
