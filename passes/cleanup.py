@@ -106,34 +106,37 @@ def _apply(model: onnx.ModelProto, *steps) -> onnx.ModelProto:
     return out
 
 
-@register_pass("fold_constants", exact=True)
-def fold_constants(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
-    """f(consts) -> const: evaluate constant subgraphs (onnxslim, then onnxscript); Constant nodes become initializers."""
-    return _result(model, _apply(model, _lift_and_fold, _dead))
-
-
-@register_pass("fold_batchnorm", exact=True)
-def fold_batchnorm(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
-    """W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta (onnxscript rules)."""
-    out = _apply(model, _lift_and_fold, _bn, _dead)
-    res = _result(model, out)
+def _bn_left(out: onnx.ModelProto, res: PassResult) -> None:
     left = sum(1 for n in out.graph.node if n.op_type == "BatchNormalization")
     res.stats["batchnorm_left"] = left
     if left:
         res.stats["batchnorm_left_reason"] = "not preceded by a single-consumer Conv/ConvTranspose/Gemm with constant weights"
-    return res
 
 
-@register_pass("remove_identity", exact=True)
-def remove_identity(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
-    """Identity(x) -> x and Dropout(x, training=False) -> x."""
-    return _result(model, _apply(model, _identity, _dead))
+def _step_pass(name: str, rule: str, steps: tuple, after=None) -> None:
+    """Register a single-purpose exact pass that applies `steps` (the cleanup pass runs them all together)."""
+
+    def fn(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
+        out = _apply(model, *steps)
+        res = _result(model, out)
+        if after is not None:
+            after(out, res)
+        return res
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = rule
+    register_pass(name, exact=True)(fn)
 
 
-@register_pass("eliminate_dead", exact=True)
-def eliminate_dead(model: onnx.ModelProto, ctx: PassContext, opts) -> PassResult:
-    """Remove nodes none of whose outputs reach a graph output; topologically sort."""
-    return _result(model, _apply(model, _dead))
+for _name, _rule, _steps, _after in (
+    ("fold_constants", "f(consts) -> const: evaluate constant subgraphs (onnxslim, then onnxscript); Constant nodes "
+     "become initializers.", (_lift_and_fold, _dead), None),
+    ("fold_batchnorm", "W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta "
+     "(onnxscript rules).", (_lift_and_fold, _bn, _dead), _bn_left),
+    ("remove_identity", "Identity(x) -> x and Dropout(x, training=False) -> x.", (_identity, _dead), None),
+    ("eliminate_dead", "Remove nodes none of whose outputs reach a graph output; topologically sort.", (_dead,), None),
+):
+    _step_pass(_name, _rule, _steps, _after)
 
 
 @register_pass("infer_shapes", exact=True)
