@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from edgec.core.graph import attr
 
@@ -112,3 +112,61 @@ def _fold_once(model, shapes, known) -> dict[str, np.ndarray]:
         except Exception:  # not foldable: stays dynamic
             continue
     return new
+
+
+# ----------------------------------------------------------------------------- exact pre-step of the prune pass
+_NONDET = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def fold_small_constants(model: onnx.ModelProto, max_elems: int = 1 << 16) -> tuple[onnx.ModelProto, int]:
+    """f(consts) -> const for nodes whose inputs are all initializers and whose outputs are small (exact)."""
+    from onnx.reference import ReferenceEvaluator
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    vals: dict[str, np.ndarray] = {}
+    kept, folded = [], 0
+    for node in m.graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type in _NONDET or node.domain not in ("", "ai.onnx") or not all(i in inits for i in ins) \
+                or (not ins and node.op_type != "Constant") or any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
+            kept.append(node)
+            continue
+        try:
+            feeds = {}
+            for i in ins:
+                if i not in vals:
+                    vals[i] = numpy_helper.to_array(inits[i])
+                feeds[i] = vals[i]
+            if any(v.size > max_elems for v in feeds.values()):
+                raise ValueError("large input")
+            g = helper.make_graph(
+                [node], "fold",
+                [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(feeds[i].dtype), feeds[i].shape) for i in ins],
+                [helper.make_tensor_value_info(o, 0, None) for o in node.output])
+            outs = ReferenceEvaluator(helper.make_model(g, opset_imports=m.opset_import)).run(None, feeds)
+            outs = [np.asarray(o) for o in outs]
+            if any(o.size > max_elems or o.dtype == object for o in outs):
+                raise ValueError("large output")
+        except Exception:
+            kept.append(node)
+            continue
+        for o, v in zip(node.output, outs):
+            vals[o] = v
+            t = numpy_helper.from_array(v, o)
+            inits[o] = t
+            m.graph.initializer.append(t)
+        folded += 1
+    if not folded:
+        return model, 0
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    keep_inits = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep_inits)
+    gi = [i for i in m.graph.input if i.name not in inits or i.name in used]
+    del m.graph.input[:]
+    m.graph.input.extend(gi)
+    return m, folded

@@ -6,26 +6,25 @@
     model'' = recovery(model', model)             fusion: C[:, j] += lambda C[:, i];  lstsq: min |W x_p + b - y_o|^2
 
 Before analysis, small constant subgraphs (e.g. exported static-padding arithmetic) are folded exactly, so the
-dependency analysis sees constant Pad/Reshape/Slice operands.
+dependency analysis sees constant Pad/Reshape/Slice operands (passes/prune/fold.py). The allocation and the
+fidelity-floor / latency searches around one budget are in passes/prune/search.py.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from edgec.passes.base import PassContext, PassResult, register_pass
 from edgec.passes.floor import FloorSpec, OutputFloor
 from edgec.passes.prune import allocate as alloc
 from edgec.passes.prune import criteria as crit
-from edgec.passes.prune import evaluate as EV
+from edgec.passes.prune.fold import fold_small_constants
+from edgec.passes.prune.search import _allocate, _floor_search, _latency_search, _select
 from edgec.core.errors import EdgecError
 from edgec.core.graph import attr
 
@@ -121,64 +120,6 @@ class PruneOptions:
         if not r or any(not 0.0 < x < 1.0 for x in r):
             raise ValueError("sensitivity_ratios must be fractions in (0, 1)")
         object.__setattr__(self, "sensitivity_ratios", r)
-
-
-# ----------------------------------------------------------------------------- exact pre-step
-_NONDET = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-
-
-def fold_small_constants(model: onnx.ModelProto, max_elems: int = 1 << 16) -> tuple[onnx.ModelProto, int]:
-    """f(consts) -> const for nodes whose inputs are all initializers and whose outputs are small (exact)."""
-    from onnx.reference import ReferenceEvaluator
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {t.name: t for t in m.graph.initializer}
-    vals: dict[str, np.ndarray] = {}
-    kept, folded = [], 0
-    for node in m.graph.node:
-        ins = [i for i in node.input if i]
-        if node.op_type in _NONDET or node.domain not in ("", "ai.onnx") or not all(i in inits for i in ins) \
-                or (not ins and node.op_type != "Constant") or any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
-            kept.append(node)
-            continue
-        try:
-            feeds = {}
-            for i in ins:
-                if i not in vals:
-                    vals[i] = numpy_helper.to_array(inits[i])
-                feeds[i] = vals[i]
-            if any(v.size > max_elems for v in feeds.values()):
-                raise ValueError("large input")
-            g = helper.make_graph(
-                [node], "fold",
-                [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(feeds[i].dtype), feeds[i].shape) for i in ins],
-                [helper.make_tensor_value_info(o, 0, None) for o in node.output])
-            outs = ReferenceEvaluator(helper.make_model(g, opset_imports=m.opset_import)).run(None, feeds)
-            outs = [np.asarray(o) for o in outs]
-            if any(o.size > max_elems or o.dtype == object for o in outs):
-                raise ValueError("large output")
-        except Exception:
-            kept.append(node)
-            continue
-        for o, v in zip(node.output, outs):
-            vals[o] = v
-            t = numpy_helper.from_array(v, o)
-            inits[o] = t
-            m.graph.initializer.append(t)
-        folded += 1
-    if not folded:
-        return model, 0
-    del m.graph.node[:]
-    m.graph.node.extend(kept)
-    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    keep_inits = [t for t in m.graph.initializer if t.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep_inits)
-    gi = [i for i in m.graph.input if i.name not in inits or i.name in used]
-    del m.graph.input[:]
-    m.graph.input.extend(gi)
-    return m, folded
 
 
 @contextlib.contextmanager
@@ -287,142 +228,6 @@ from edgec.passes.prune.evaluate import FidelityProbe  # noqa: E402  (re-exporte
 def _candidates(groups, opts):
     """Prunable groups; with protect_residual, groups coupled by residual adds (several producers) are kept whole."""
     return [g for g in groups if g.prunable and g.size >= 2 and not (opts.protect_residual and len(g.producers) > 1)]
-
-
-def _select(groups_by_id, scores, keep_counts):
-    from edgec.passes.prune.graph import select_channels
-
-    out = {}
-    for gid, k in keep_counts.items():
-        g = groups_by_id[gid]
-        if k >= g.size:
-            continue
-        if g.align > 1 and k % g.align:  # never fail on alignment: the nearest valid count (allocate.unit)
-            k = alloc.round_keep(k, g.size, 1, g.align)
-            if k >= g.size:
-                continue
-        out[gid] = select_channels(g, scores[gid], int(k))
-    return out
-
-
-def _apply(model, groups, groups_by_id, scores, keep_counts):
-    from edgec.passes.prune.apply import remove_channels
-
-    idx = _select(groups_by_id, scores, keep_counts)
-    return remove_channels(model, idx, groups)
-
-
-def _executor(ctx):
-    from edgec.core.executor import IN_PROCESS
-
-    return getattr(ctx, "executor", None) or IN_PROCESS
-
-
-def _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts, probe, cache) -> dict:
-    """{gid: {ratio: fidelity loss with g alone kept at ratio}}; cached per group across budgets. Each group is one
-    executor item (passes/prune/evaluate.py: masked suffix runs, no candidate model built); with sensitivity_refit,
-    the loss after refitting the group's consumers on the built candidate."""
-    def key(g):
-        return ("sensitivity", g.id, opts.sensitivity_ratios, opts.sensitivity_refit, opts.round_to)
-
-    todo = [g for g in prunable if key(g) not in cache]
-    bar = ctx.progress.track(todo, desc="prune: sensitivity", unit="group")
-    if opts.sensitivity_refit and opts.recovery in ("lstsq", "fusion+lstsq"):
-        new = [_refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) for g in bar]
-    else:
-        payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, ratios=opts.sensitivity_ratios,
-                                                     round_to=opts.round_to, threads=ctx.threads,
-                                                     masked=opts.candidate_eval == "masked"))
-        new = _executor(ctx).map(functools.partial(EV.scan_group, payload), (g.id for g in bar),
-                                 desc="prune: sensitivity")
-    for g, cur in zip(todo, new):
-        cache[key(g)] = cur
-        ctx.progress.detail(f"sensitivity group {g.id}: {cur}")
-    return {g.id: cache[key(g)] for g in prunable}
-
-
-def _refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) -> dict:
-    """Recovery-aware: the loss after refitting this group's consumers alone, on the built candidate."""
-    from edgec.passes.prune import graph as G
-    from edgec.passes.prune import recover as R
-
-    cur = {}
-    for r in opts.sensitivity_ratios:
-        kk = alloc.round_keep(r * g.size, g.size, opts.round_to, g.align)
-        if kk >= g.size:
-            cur[r] = 0.0
-            continue
-        m, _ = _apply(model, groups, groups_by_id, scores, {g.id: kk})
-        skip = opts.fidelity_samples  # refit on samples the probe does not score (no in-sample bias)
-
-        def refit_feeds(skip=skip):
-            return itertools.islice(ctx.calib_batches(), skip, None)
-
-        m, _ = R.lstsq_refit(m, model, [L["node"] for L in G.consumer_layers(model, g)],
-                             refit_feeds, samples=max(8, opts.calib_samples // 2),
-                             ridge=opts.ridge, max_positions=opts.max_positions,
-                             residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
-                             min_rows_factor=1.0)
-        cur[r] = 1.0 - probe(m)
-    return cur
-
-
-def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budget, cost, ctx, opts, probe,
-              cache: dict | None = None):
-    """Keep counts per group. `cache` (optional, per model and scores) reuses sensitivity curves across budgets."""
-    sizes = {g.id: g.size for g in prunable}
-    aligns = {g.id: g.align for g in prunable}
-    r2 = opts.round_to
-
-    def floor_keep(keep):  # min_keep_ratio floor
-        if opts.min_keep_ratio <= 0:
-            return keep
-        return {gid: max(k, alloc.round_keep(opts.min_keep_ratio * sizes[gid], sizes[gid], r2, aligns[gid]))
-                for gid, k in keep.items()}
-
-    def cost_f(keep):
-        return cost(floor_keep(keep))
-
-    if opts.allocation == "uniform":
-        a = alloc.uniform(sizes, cost_f, budget, r2, aligns)
-    elif opts.allocation == "global":
-        a = alloc.global_threshold({g: scores[g] for g in sizes}, cost_f, budget, r2, aligns,
-                                   normalize=opts.criterion != "recon")
-    elif opts.allocation == "adaptive":
-        from edgec.passes.prune import graph as G
-
-        elems = {}
-        for g in prunable:
-            prod = G.producer_weights(model, g)
-            e = np.concatenate([np.abs(p).reshape(g.size, -1) for p in prod], 1) if prod else None
-            if e is None:
-                e = np.repeat(np.abs(scores[g.id])[:, None], 2, 1)
-            # weight-level importance scaled by the channel criterion (so the knee follows the chosen criterion)
-            s = crit._norm(np.abs(scores[g.id]) + 1e-12)
-            elems[g.id] = e * s[:, None]
-        a = alloc.adaptive(elems, cost_f, budget, r2, aligns)
-    elif opts.allocation == "sensitivity":
-        cache = cache if cache is not None else {}
-        curves = _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts, probe, cache)
-        a = alloc.sensitivity(curves, sizes, cost_f, budget, r2, aligns)
-    else:  # ga
-        base = alloc.uniform(sizes, cost_f, budget, r2, aligns)
-
-        payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, threads=ctx.threads,
-                                                     search=sorted(sizes), masked=opts.candidate_eval == "masked"))
-
-        def fid(keeps):  # one generation's new individuals, through the executor
-            return _executor(ctx).map(functools.partial(EV.ga_fidelity, payload), [floor_keep(k) for k in keeps],
-                                      desc="prune: GA fitness")
-
-        a = alloc.ga(sizes, cost_f, budget, lambda k: fid([k])[0], ctx.rng("prune.ga"),
-                     population=opts.ga_population,
-                     generations=opts.ga_generations, bits=opts.ga_bits, round_to=r2, aligns=aligns,
-                     seeds=[base.keep], fidelity_many=fid)
-        EV.release(payload)
-    a.keep = floor_keep(a.keep)
-    a.cost = cost(a.keep)
-    return a
 
 
 def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx, opts, stats):
@@ -612,8 +417,8 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
         probe = FidelityProbe(model, ctx, opts.fidelity_samples) if opts.allocation in ("sensitivity", "ga") else None
         lat = {}
         if opts.target_latency_ms is not None:
-            pruned, a, keep_idx, rstats, stats, base = _latency_search(model, groups, ctx, opts, scores, notes,
-                                                                        acts, probe, lat)
+            pruned, a, keep_idx, rstats, stats, base = _latency_search(_prune_once, model, groups, ctx, opts, scores,
+                                                                        notes, acts, probe, lat)
         else:
             budget = alloc.Budget("macs", float(opts.target_macs)) if opts.target_macs is not None \
                 else alloc.Budget("params", float(opts.target_params))
@@ -622,8 +427,8 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
                                                                    acts, probe, cache)
             floor = OutputFloor(ctx, opts.floor_spec, model) if keep_idx else None  # nothing removed: nothing to hold
             if floor is not None and floor.active:
-                res, info = _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache,
-                                          floor, (pruned, a, keep_idx, rstats, stats, base))
+                res, info = _floor_search(_prune_once, model, groups, ctx, opts, budget, scores, notes, acts, probe,
+                                          cache, floor, (pruned, a, keep_idx, rstats, stats, base))
                 if res is None:
                     return PassResult(model, False, {"skipped": "no pruned model holds the fidelity floor",
                                                      "floor": info})
@@ -634,8 +439,21 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
 
         pruned, ft = torch_tools.finetune_onnx(pruned, model, ctx, epochs=opts.finetune_epochs, lr=opts.finetune_lr)
         stats["finetune"] = ft
+    out_stats = _pass_stats(pruned, groups, ctx, opts, (a, keep_idx, rstats, stats, base), scores, notes, folded,
+                            t_start)
+    if lat:
+        out_stats["latency_search"] = lat
+    if post:
+        out_stats["postprocess"] = post
+    return PassResult(pruned, modified=bool(keep_idx), stats=out_stats)
+
+
+def _pass_stats(pruned, groups, ctx, opts, res, scores, notes, folded, t_start) -> dict:
+    """The pass's stats: per-group rows (with score summaries), what was skipped and why, the pruned model's MACs and
+    params ratios, the allocation and the stats of the prune run. res = (allocation, keep_idx, rstats, stats, base)."""
     from edgec.passes.costs import count_costs
 
+    a, keep_idx, rstats, stats, (bm, bp) = res
     after = count_costs(pruned, ctx.input_shapes)
     rows = []
     for r in rstats["groups"]:
@@ -648,7 +466,6 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
         if r["id"] in notes:
             row["score_note"] = notes[r["id"]]
         rows.append(row)
-    bm, bp = base
     out_stats = {
         "criterion": opts.criterion, "allocation": opts.allocation, "recovery": opts.recovery,
         "round_to": opts.round_to, "constants_folded": folded,
@@ -667,59 +484,4 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
                 if (n := alloc.alignment_note(g.size, opts.round_to, g.align))}
     if notes_al:
         out_stats["alignment_notes"] = notes_al
-    if lat:
-        out_stats["latency_search"] = lat
-    if post:
-        out_stats["postprocess"] = post
-    return PassResult(pruned, modified=bool(keep_idx), stats=out_stats)
-
-
-def _floor_search(model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor, first):
-    """(result, floor stats): the budget's result, or, if it is below the floor, the most pruned of `floor_steps`
-    bisection points between the budget and 1.0 (the unpruned model) that holds it; None when none does."""
-    meas = floor.measure(first[0])
-    hist = [{"target": round(budget.target, 4), "ok": floor.ok(meas), **meas}]
-    best, best_meas = (first, meas) if floor.ok(meas) else (None, None)
-    lo, hi = budget.target, 1.0
-    for _ in range(opts.floor_steps if best is None else 0):
-        f = 0.5 * (lo + hi)
-        ctx.progress(f"prune: below the fidelity floor; trying {budget.kind} {f:.3f}")
-        res = _prune_once(model, groups, ctx, opts, alloc.Budget(budget.kind, f), scores, notes, acts, probe, cache)
-        meas = floor.measure(res[0])
-        hist.append({"target": round(f, 4), "ok": floor.ok(meas), **meas})
-        if floor.ok(meas):
-            best, best_meas, hi = res, meas, f
-        else:
-            lo = f
-    info = {**floor.describe(), "measured": best_meas or meas, "history": hist, "met": best is not None}
-    if best is not None and best is not first:
-        info["note"] = f"{budget.kind} budget {budget.target:g} is below the floor; relaxed to {hi:.3f}"
-    return best, info
-
-
-def _latency_search(model, groups, ctx, opts, scores, notes, acts, probe, lat):
-    """Find the largest MACs fraction f with latency_probe(prune(f)) <= target_latency_ms: a proportional first
-    guess f = target / base, then bisection between the best feasible and the smallest infeasible f."""
-    if ctx.latency_probe is None:
-        raise EdgecError("target_latency_ms needs a latency probe from the target (none given)")
-    target = float(opts.target_latency_ms)
-    base_ms = float(ctx.latency_probe(model))
-    lat.update({"base_ms": round(base_ms, 3), "target_ms": target, "steps": []})
-    lo, hi = 0.0, 1.0
-    f = min(1.0, max(target / base_ms, 0.05))
-    best = None
-    for _ in range(opts.latency_iters):
-        res = _prune_once(model, groups, ctx, opts, alloc.Budget("macs", f), scores, notes, acts, probe)
-        ms = float(ctx.latency_probe(res[0]))
-        lat["steps"].append({"macs_fraction": round(f, 4), "ms": round(ms, 3)})
-        if ms <= target:
-            best, lo = res, f
-            if ms >= 0.97 * target or f >= 1.0:
-                break
-        else:
-            hi = f
-        f = 0.5 * (lo + hi) if best is not None else max(0.02, min(0.5 * (lo + hi), f * target / ms))
-    if best is None:
-        raise EdgecError(f"could not reach {target} ms in {opts.latency_iters} steps "
-                         f"(best {min(s['ms'] for s in lat['steps']):.3f} ms; base {base_ms:.3f} ms)")
-    return best
+    return out_stats

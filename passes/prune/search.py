@@ -1,0 +1,204 @@
+"""The prune pass's searches: per-group keep counts under one budget (_allocate: uniform, global, adaptive,
+sensitivity curves, GA through the executor) and, around the single-budget prune, the fidelity-floor bisection and
+the latency search. Channel selection by score (_select) lives here too: allocation and the pass share it."""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+
+from edgec.core.errors import EdgecError
+from edgec.passes.prune import allocate as alloc
+from edgec.passes.prune import criteria as crit
+from edgec.passes.prune import evaluate as EV
+
+
+def _select(groups_by_id, scores, keep_counts):
+    from edgec.passes.prune.graph import select_channels
+
+    out = {}
+    for gid, k in keep_counts.items():
+        g = groups_by_id[gid]
+        if k >= g.size:
+            continue
+        if g.align > 1 and k % g.align:  # never fail on alignment: the nearest valid count (allocate.unit)
+            k = alloc.round_keep(k, g.size, 1, g.align)
+            if k >= g.size:
+                continue
+        out[gid] = select_channels(g, scores[gid], int(k))
+    return out
+
+
+def _apply(model, groups, groups_by_id, scores, keep_counts):
+    from edgec.passes.prune.apply import remove_channels
+
+    idx = _select(groups_by_id, scores, keep_counts)
+    return remove_channels(model, idx, groups)
+
+
+def _executor(ctx):
+    from edgec.core.executor import IN_PROCESS
+
+    return getattr(ctx, "executor", None) or IN_PROCESS
+
+
+def _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts, probe, cache) -> dict:
+    """{gid: {ratio: fidelity loss with g alone kept at ratio}}; cached per group across budgets. Each group is one
+    executor item (passes/prune/evaluate.py: masked suffix runs, no candidate model built); with sensitivity_refit,
+    the loss after refitting the group's consumers on the built candidate."""
+    def key(g):
+        return ("sensitivity", g.id, opts.sensitivity_ratios, opts.sensitivity_refit, opts.round_to)
+
+    todo = [g for g in prunable if key(g) not in cache]
+    bar = ctx.progress.track(todo, desc="prune: sensitivity", unit="group")
+    if opts.sensitivity_refit and opts.recovery in ("lstsq", "fusion+lstsq"):
+        new = [_refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) for g in bar]
+    else:
+        payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, ratios=opts.sensitivity_ratios,
+                                                     round_to=opts.round_to, threads=ctx.threads,
+                                                     masked=opts.candidate_eval == "masked"))
+        new = _executor(ctx).map(functools.partial(EV.scan_group, payload), (g.id for g in bar),
+                                 desc="prune: sensitivity")
+    for g, cur in zip(todo, new):
+        cache[key(g)] = cur
+        ctx.progress.detail(f"sensitivity group {g.id}: {cur}")
+    return {g.id: cache[key(g)] for g in prunable}
+
+
+def _refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) -> dict:
+    """Recovery-aware: the loss after refitting this group's consumers alone, on the built candidate."""
+    from edgec.passes.prune import graph as G
+    from edgec.passes.prune import recover as R
+
+    cur = {}
+    for r in opts.sensitivity_ratios:
+        kk = alloc.round_keep(r * g.size, g.size, opts.round_to, g.align)
+        if kk >= g.size:
+            cur[r] = 0.0
+            continue
+        m, _ = _apply(model, groups, groups_by_id, scores, {g.id: kk})
+        skip = opts.fidelity_samples  # refit on samples the probe does not score (no in-sample bias)
+
+        def refit_feeds(skip=skip):
+            return itertools.islice(ctx.calib_batches(), skip, None)
+
+        m, _ = R.lstsq_refit(m, model, [L["node"] for L in G.consumer_layers(model, g)],
+                             refit_feeds, samples=max(8, opts.calib_samples // 2),
+                             ridge=opts.ridge, max_positions=opts.max_positions,
+                             residual_target=opts.residual_target, seed=ctx.seed, threads=ctx.threads,
+                             min_rows_factor=1.0)
+        cur[r] = 1.0 - probe(m)
+    return cur
+
+
+def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budget, cost, ctx, opts, probe,
+              cache: dict | None = None):
+    """Keep counts per group. `cache` (optional, per model and scores) reuses sensitivity curves across budgets."""
+    sizes = {g.id: g.size for g in prunable}
+    aligns = {g.id: g.align for g in prunable}
+    r2 = opts.round_to
+
+    def floor_keep(keep):  # min_keep_ratio floor
+        if opts.min_keep_ratio <= 0:
+            return keep
+        return {gid: max(k, alloc.round_keep(opts.min_keep_ratio * sizes[gid], sizes[gid], r2, aligns[gid]))
+                for gid, k in keep.items()}
+
+    def cost_f(keep):
+        return cost(floor_keep(keep))
+
+    if opts.allocation == "uniform":
+        a = alloc.uniform(sizes, cost_f, budget, r2, aligns)
+    elif opts.allocation == "global":
+        a = alloc.global_threshold({g: scores[g] for g in sizes}, cost_f, budget, r2, aligns,
+                                   normalize=opts.criterion != "recon")
+    elif opts.allocation == "adaptive":
+        from edgec.passes.prune import graph as G
+
+        elems = {}
+        for g in prunable:
+            prod = G.producer_weights(model, g)
+            e = np.concatenate([np.abs(p).reshape(g.size, -1) for p in prod], 1) if prod else None
+            if e is None:
+                e = np.repeat(np.abs(scores[g.id])[:, None], 2, 1)
+            # weight-level importance scaled by the channel criterion (so the knee follows the chosen criterion)
+            s = crit._norm(np.abs(scores[g.id]) + 1e-12)
+            elems[g.id] = e * s[:, None]
+        a = alloc.adaptive(elems, cost_f, budget, r2, aligns)
+    elif opts.allocation == "sensitivity":
+        cache = cache if cache is not None else {}
+        curves = _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts, probe, cache)
+        a = alloc.sensitivity(curves, sizes, cost_f, budget, r2, aligns)
+    else:  # ga
+        base = alloc.uniform(sizes, cost_f, budget, r2, aligns)
+
+        payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, threads=ctx.threads,
+                                                     search=sorted(sizes), masked=opts.candidate_eval == "masked"))
+
+        def fid(keeps):  # one generation's new individuals, through the executor
+            return _executor(ctx).map(functools.partial(EV.ga_fidelity, payload), [floor_keep(k) for k in keeps],
+                                      desc="prune: GA fitness")
+
+        a = alloc.ga(sizes, cost_f, budget, lambda k: fid([k])[0], ctx.rng("prune.ga"),
+                     population=opts.ga_population,
+                     generations=opts.ga_generations, bits=opts.ga_bits, round_to=r2, aligns=aligns,
+                     seeds=[base.keep], fidelity_many=fid)
+        EV.release(payload)
+    a.keep = floor_keep(a.keep)
+    a.cost = cost(a.keep)
+    return a
+
+
+# ----------------------------------------------------------------------------- budget searches
+def _floor_search(prune_once, model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor, first):
+    """(result, floor stats): the budget's result, or, if it is below the floor, the most pruned of `floor_steps`
+    bisection points between the budget and 1.0 (the unpruned model) that holds it; None when none does.
+    `prune_once` is prune_pass._prune_once."""
+    meas = floor.measure(first[0])
+    hist = [{"target": round(budget.target, 4), "ok": floor.ok(meas), **meas}]
+    best, best_meas = (first, meas) if floor.ok(meas) else (None, None)
+    lo, hi = budget.target, 1.0
+    for _ in range(opts.floor_steps if best is None else 0):
+        f = 0.5 * (lo + hi)
+        ctx.progress(f"prune: below the fidelity floor; trying {budget.kind} {f:.3f}")
+        res = prune_once(model, groups, ctx, opts, alloc.Budget(budget.kind, f), scores, notes, acts, probe, cache)
+        meas = floor.measure(res[0])
+        hist.append({"target": round(f, 4), "ok": floor.ok(meas), **meas})
+        if floor.ok(meas):
+            best, best_meas, hi = res, meas, f
+        else:
+            lo = f
+    info = {**floor.describe(), "measured": best_meas or meas, "history": hist, "met": best is not None}
+    if best is not None and best is not first:
+        info["note"] = f"{budget.kind} budget {budget.target:g} is below the floor; relaxed to {hi:.3f}"
+    return best, info
+
+
+def _latency_search(prune_once, model, groups, ctx, opts, scores, notes, acts, probe, lat):
+    """Find the largest MACs fraction f with latency_probe(prune(f)) <= target_latency_ms: a proportional first
+    guess f = target / base, then bisection between the best feasible and the smallest infeasible f. `prune_once` is
+    prune_pass._prune_once."""
+    if ctx.latency_probe is None:
+        raise EdgecError("target_latency_ms needs a latency probe from the target (none given)")
+    target = float(opts.target_latency_ms)
+    base_ms = float(ctx.latency_probe(model))
+    lat.update({"base_ms": round(base_ms, 3), "target_ms": target, "steps": []})
+    lo, hi = 0.0, 1.0
+    f = min(1.0, max(target / base_ms, 0.05))
+    best = None
+    for _ in range(opts.latency_iters):
+        res = prune_once(model, groups, ctx, opts, alloc.Budget("macs", f), scores, notes, acts, probe)
+        ms = float(ctx.latency_probe(res[0]))
+        lat["steps"].append({"macs_fraction": round(f, 4), "ms": round(ms, 3)})
+        if ms <= target:
+            best, lo = res, f
+            if ms >= 0.97 * target or f >= 1.0:
+                break
+        else:
+            hi = f
+        f = 0.5 * (lo + hi) if best is not None else max(0.02, min(0.5 * (lo + hi), f * target / ms))
+    if best is None:
+        raise EdgecError(f"could not reach {target} ms in {opts.latency_iters} steps "
+                         f"(best {min(s['ms'] for s in lat['steps']):.3f} ms; base {base_ms:.3f} ms)")
+    return best
