@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgec.core.errors import EdgecError
+from edgec.core.procfs import status_bytes
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +248,7 @@ def check_activation_budget(model: onnx.ModelProto, limit: int | None) -> None:
 
 
 def _vm_data() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return status_bytes("VmData") or 0
 
 
 class data_limit:

@@ -6,6 +6,8 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
+from edgec.core.procfs import status_bytes
+
 
 def main(argv):
     model, feeds_path, threads, runs = argv[1], argv[2], int(argv[3]), int(argv[4])
@@ -22,14 +24,8 @@ def main(argv):
 
 def peak_rss_bytes() -> int:
     """VmHWM of this process (reset at exec, unlike ru_maxrss which inherits the parent's high-water mark)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":
