@@ -58,6 +58,20 @@ def node_names(nodes) -> list[str]:
     return [node_name(n, i) for i, n in enumerate(nodes)]
 
 
+def subgraphs(node: onnx.NodeProto):
+    """The graphs held by `node`'s attributes (If branches, Loop/Scan bodies)."""
+    for a in node.attribute:
+        yield from ([a.g] if a.HasField("g") else []) + list(a.graphs)
+
+
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of `graph` and of its subgraphs, depth first, in graph order."""
+    for n in graph.node:
+        yield n
+        for sg in subgraphs(n):
+            yield from walk_nodes(sg)
+
+
 def opset(model: onnx.ModelProto, default: int = 17) -> int:
     """The default-domain opset of `model`."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default)

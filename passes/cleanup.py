@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from edgec.core.graph import walk_nodes
 from edgec.passes.base import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -159,17 +160,7 @@ QUANTIZED_OPS = frozenset({
 
 def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
     """{op: count} of quantization ops anywhere in the model (main graph and subgraphs); empty for a float model."""
-    found: Counter = Counter()
-
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            if n.op_type in QUANTIZED_OPS:
-                found[n.op_type] += 1
-            for a in n.attribute:
-                for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    walk(sg)
-
-    walk(model.graph)
+    found = Counter(n.op_type for n in walk_nodes(model.graph) if n.op_type in QUANTIZED_OPS)
     return dict(sorted(found.items()))
 
 

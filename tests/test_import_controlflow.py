@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
+from edgec.core.graph import walk_nodes
 from edgec.passes.normalize import name_nodes
 
 
@@ -43,11 +44,7 @@ def _model(path):
 
 
 def _names(g):
-    for n in g.node:
-        yield n.name
-        for a in n.attribute:
-            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _names(sg)
+    return (n.name for n in walk_nodes(g))
 
 
 def test_normalize_names_unique_across_subgraphs(tmp_path):

@@ -10,6 +10,7 @@ from collections import Counter
 import onnx
 import pytest
 
+from edgec.core.graph import walk_nodes
 from edgec.pipeline.exactness import EXACT_CAP
 
 pytest.importorskip("torch")
@@ -26,11 +27,7 @@ def _compile(rec, tmp_path, recipe="cleanup", extra=()):
 
 
 def _all_node_names(g):
-    for n in g.node:
-        yield n.name
-        for a in n.attribute:
-            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _all_node_names(sg)
+    return (n.name for n in walk_nodes(g))
 
 
 @pytest.mark.slow
