@@ -57,34 +57,23 @@ class IHostMemory(Strict):
         return len(self._data)
 
 
+def _ro(field: str) -> property:
+    """A read-only property over a private field (TensorRT's getters; a write raises as in the real bindings)."""
+    return property(lambda self: getattr(self, field))
+
+
 class ITensor(Strict):
     def __init__(self, name, shape, dtype):
         self._v_name, self._shape, self._dtype = name, tuple(shape), dtype
 
-    @property
-    def name(self):
-        return self._v_name
-
-    @property
-    def shape(self):
-        return self._shape
-
-    @property
-    def dtype(self):
-        return self._dtype
+    name, shape, dtype = _ro("_v_name"), _ro("_shape"), _ro("_dtype")
 
 
 class ILayer(Strict):
     def __init__(self, name, ltype, op):
         self._v_name, self._type, self._op = name, ltype, op
 
-    @property
-    def name(self):
-        return self._v_name
-
-    @property
-    def type(self):
-        return self._type
+    name, type = _ro("_v_name"), _ro("_type")
 
 
 class INetworkDefinition(Strict):
@@ -93,17 +82,9 @@ class INetworkDefinition(Strict):
         self._inputs, self._outputs, self._layers = [], [], []
         self._onnx = None
 
-    @property
-    def num_inputs(self):
-        return len(self._inputs)
-
-    @property
-    def num_outputs(self):
-        return len(self._outputs)
-
-    @property
-    def num_layers(self):
-        return len(self._layers)
+    num_inputs = property(lambda self: len(self._inputs))
+    num_outputs = property(lambda self: len(self._outputs))
+    num_layers = property(lambda self: len(self._layers))
 
     def get_input(self, index):
         return self._inputs[index]
