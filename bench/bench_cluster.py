@@ -131,19 +131,21 @@ def main(argv=None) -> int:
     (root / "bench_cluster.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print("\nworkload          serial s  cluster s  speedup  same result")
     ok = True
-    if "prune" in summary:
-        r = summary["prune"]
-        same = r["same_model"] and r["same_manifest"]
+    for key, label, what, same_keys, timing in (
+            ("prune", "prune pass (L0)", "model.onnx, manifest", ("same_model", "same_manifest"),
+             ("prune_s", "speedup_prune_pass")),
+            ("coverage", "coverage", "rows, model.onnx", ("same_rows", "same_models"), ("wall_s", "speedup_wall"))):
+        if key not in summary:
+            continue
+        r = summary[key]
+        same = all(r[k] for k in same_keys)
         ok &= same
-        print(f"prune pass (L0)   {r['serial']['prune_s']:8.1f}  {r['cluster']['prune_s']:9.1f}  "
-              f"{r['speedup_prune_pass']:6.2f}x  {'yes' if same else 'NO'} (model.onnx, manifest)")
-        print(f"prune compile     {r['serial']['wall_s']:8.1f}  {r['cluster']['wall_s']:9.1f}  {r['speedup_wall']:6.2f}x")
-    if "coverage" in summary:
-        r = summary["coverage"]
-        same = r["same_rows"] and r["same_models"]
-        ok &= same
-        print(f"coverage          {r['serial']['wall_s']:8.1f}  {r['cluster']['wall_s']:9.1f}  "
-              f"{r['speedup_wall']:6.2f}x  {'yes' if same else 'NO'} (rows, model.onnx)")
+        t, sp = timing
+        print(f"{label:<17} {r['serial'][t]:8.1f}  {r['cluster'][t]:9.1f}  {r[sp]:6.2f}x  {'yes' if same else 'NO'} "
+              f"({what})")
+        if key == "prune":
+            print(f"prune compile     {r['serial']['wall_s']:8.1f}  {r['cluster']['wall_s']:9.1f}  "
+                  f"{r['speedup_wall']:6.2f}x")
     print(f"load average {summary['load_before'][0]:.1f} -> {summary['load_after'][0]:.1f} "
           f"(a shared machine: ratios, not absolute times)   {root}/bench_cluster.json")
     return 0 if ok else 1
