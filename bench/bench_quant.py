@@ -99,7 +99,7 @@ def _time(models: dict[str, onnx.ModelProto], runs: int, warmup: int = 20) -> di
             for n, v in ts.items()}
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--validate", type=int, default=64)
@@ -110,7 +110,40 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="MinMax,Percentile,Entropy")
     ap.add_argument("--out", default="out/bench_quant")
     ap.add_argument("--cache", default=".cache/edgec")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _write_report(out: Path, results: dict, st: dict, best: str, counts: tuple, t0: float) -> None:
+    """Verdict, report.json and report.md (printed) from the measured rows."""
+    n_fit, n_val, n_eval = counts
+    e, p = results["models"]["edgec_mixed"], results["models"][best]
+    results["peer"] = best
+    results["edgec_stats"] = {k: st.get(k) for k in ("bits_histogram", "budget", "solution", "latency_iterations",
+                                                    "calibration", "pareto_png", "pads_folded", "latency_source",
+                                                    "floor")}
+    results["edgec_stats"]["bits"] = st.get("bits")
+    results["verdict"] = {"edgec_latency_le_peer": e["median_ms"] <= p["median_ms"],
+                          "edgec_agreement_gt_peer": e["top1_agreement"] > p["top1_agreement"],
+                          "note": "latency medians from one interleaved run in one process; other load on the machine "
+                                  "shifts all models alike, ratios are the robust figure"}
+    results["seconds"] = round(time.time() - t0, 1)
+    (out / "report.json").write_text(json.dumps(results, indent=2, default=float))
+    lines = [f"fit {n_fit} / validate {n_val} / eval {n_eval} samples (disjoint photographs); "
+             "choices on validate, figures on eval", "",
+             "| model | median ms | p90 | p99 | speedup vs FP32 | top-1 agr (eval) | top-1 agr (validate) | top-5 agr | "
+             "cosine min |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in results["models"].items():
+        if "median_ms" in r:
+            lines.append(f"| {n} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['speedup_vs_fp32']:.2f}x | "
+                         f"{r.get('top1_agreement', float('nan')):.3f} | {r.get('validate_top1_agreement', float('nan')):.3f} | "
+                         f"{r.get('top5_agreement', float('nan')):.3f} | {r.get('cosine_min', float('nan')):.4f} |")
+    md = "\n".join(lines) + f"\n\npeer = {best}; verdict: {results['verdict']}\nPareto: {st.get('pareto_png')}\n"
+    (out / "report.md").write_text(md)
+    print(md)
+
+
+def main(argv=None) -> int:
+    a = _parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log = logging.getLogger("bench_quant")
     log.setLevel(logging.INFO)
@@ -176,31 +209,7 @@ def main(argv=None) -> int:
                                         "validate_top1_agreement": fid_val[n]["top1_agreement"],
                                         "speedup_vs_fp32_pretiming": pre_t[n]["speedup_vs_fp32"]}
         save_onnx(edgec, out / "edgec_mixed.onnx")
-    st = res.stats
-    e, p = results["models"]["edgec_mixed"], results["models"][best]
-    results["peer"] = best
-    results["edgec_stats"] = {k: st.get(k) for k in ("bits_histogram", "budget", "solution", "latency_iterations",
-                                                    "calibration", "pareto_png", "pads_folded", "latency_source",
-                                                    "floor")}
-    results["edgec_stats"]["bits"] = st.get("bits")
-    results["verdict"] = {"edgec_latency_le_peer": e["median_ms"] <= p["median_ms"],
-                          "edgec_agreement_gt_peer": e["top1_agreement"] > p["top1_agreement"],
-                          "note": "latency medians from one interleaved run in one process; other load on the machine "
-                                  "shifts all models alike, ratios are the robust figure"}
-    results["seconds"] = round(time.time() - t0, 1)
-    (out / "report.json").write_text(json.dumps(results, indent=2, default=float))
-    lines = [f"fit {len(calib)} / validate {len(val)} / eval {len(evals)} samples (disjoint photographs); "
-             "choices on validate, figures on eval", "",
-             "| model | median ms | p90 | p99 | speedup vs FP32 | top-1 agr (eval) | top-1 agr (validate) | top-5 agr | "
-             "cosine min |", "|---|---|---|---|---|---|---|---|---|"]
-    for n, r in results["models"].items():
-        if "median_ms" in r:
-            lines.append(f"| {n} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['speedup_vs_fp32']:.2f}x | "
-                         f"{r.get('top1_agreement', float('nan')):.3f} | {r.get('validate_top1_agreement', float('nan')):.3f} | "
-                         f"{r.get('top5_agreement', float('nan')):.3f} | {r.get('cosine_min', float('nan')):.4f} |")
-    md = "\n".join(lines) + f"\n\npeer = {best}; verdict: {results['verdict']}\nPareto: {st.get('pareto_png')}\n"
-    (out / "report.md").write_text(md)
-    print(md)
+    _write_report(out, results, res.stats, best, (len(calib), len(val), len(evals)), t0)
     return 0 if results["verdict"]["edgec_latency_le_peer"] and results["verdict"]["edgec_agreement_gt_peer"] else 1
 
 
