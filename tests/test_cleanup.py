@@ -54,7 +54,7 @@ def test_resnet18_cleanup_folds_bn_and_matches_export():
 @pytest.mark.parametrize("opset", [11, 13, 17])
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_foreign_onnx_cleanup_exact(opset, dynamic):
-    from edgec.pipeline.importer import fix_input_shapes
+    from edgec.pipeline.input_shapes import fix_input_shapes
 
     m = foreign_cnn(opset=opset, dynamic_hw=dynamic)
     m = fix_input_shapes(m, {"x": (1, 3, 32, 32)})

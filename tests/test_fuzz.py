@@ -23,7 +23,8 @@ from edgec.calib.data import synthetic_splits
 from edgec.pipeline.compile import _inputs
 from edgec.core.errors import EdgecError
 from edgec.pipeline.guards import check_activation_budget, data_limit
-from edgec.pipeline.importer import fix_input_shapes, load_onnx_bytes
+from edgec.pipeline.importer import load_onnx_bytes
+from edgec.pipeline.input_shapes import fix_input_shapes
 from edgec.pipeline.runner import verify
 from edgec.testing import realworld_models as rw
 from tests.test_hostile import OpenLog

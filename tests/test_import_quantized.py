@@ -24,7 +24,7 @@ def test_detects_ops_from_another_tool(qexport):
 
 
 def test_cleanup_is_bit_exact_on_a_quantized_model(qexport):
-    from edgec.pipeline.importer import fix_input_shapes
+    from edgec.pipeline.input_shapes import fix_input_shapes
 
     m = fix_input_shapes(onnx.load(str(qexport.path)), {"images": (1, 3, 64, 64)})
     spec = get_pass("cleanup")

@@ -7,7 +7,7 @@ from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
 from edgec.core.onnx_io import check_model, ort_session
-from edgec.pipeline.importer import fix_input_shapes
+from edgec.pipeline.input_shapes import fix_input_shapes
 from edgec.pipeline.shape_meta import sanitize_shape_metadata
 
 

@@ -16,7 +16,8 @@ import onnx
 import pytest
 
 from edgec.pipeline.compile import CompileOptions, compile_model
-from edgec.pipeline.importer import finish_dynamic, load_onnx_file, verify_at_shapes
+from edgec.pipeline.importer import load_onnx_file
+from edgec.pipeline.input_shapes import finish_dynamic, verify_at_shapes
 from edgec.testing import realworld_models as rw
 
 # recipe -> minimum per-output cosine vs the original (issue 6 target for `default`: >= 0.99).
@@ -130,7 +131,7 @@ def test_static_compile_bakes_shapes_so_dynamic_needs_the_flag(models, tmp_path)
     """Why --dynamic exists: a static compile folds the decode head for one size; at another size it must fail
     loudly (EdgecError from verify_at_shapes), never give silently wrong boxes."""
     from edgec.core.errors import EdgecError
-    from edgec.pipeline.importer import dynamic_axes, restore_dynamic_axes
+    from edgec.pipeline.input_shapes import dynamic_axes, restore_dynamic_axes
 
     rec = models["ultralytics_detector"]
     out = tmp_path / "static"
@@ -153,7 +154,7 @@ def test_normalize_pass_on_paddle_graph():
     from edgec.pipeline.runner import run_recipe
 
     m = rw.paddle_model(11, init_as_inputs=True)
-    from edgec.pipeline.importer import fix_input_shapes
+    from edgec.pipeline.input_shapes import fix_input_shapes
 
     m = fix_input_shapes(m, {"x": (1, 3, 16, 16)})
     calib, _ = synthetic_splits([InputInfo("x", (1, 3, 16, 16))], 2, 1, 0)
@@ -181,7 +182,7 @@ def test_normalize_pass_on_paddle_graph():
 
 def test_dynamic_batch_on_a_fixed_batch_model(models):
     """--dynamic batch on a model exported with batch 1: relaxed in both the compiled model and the reference."""
-    from edgec.pipeline.importer import dynamic_axes
+    from edgec.pipeline.input_shapes import dynamic_axes
 
     rec = models["external_data"]
     original = load_onnx_file(rec.path)
@@ -198,7 +199,7 @@ def test_dynamic_axis_the_original_fixes_internally_is_refused():
     from onnx import helper, numpy_helper
 
     from edgec.core.errors import EdgecError
-    from edgec.pipeline.importer import dynamic_axes
+    from edgec.pipeline.input_shapes import dynamic_axes
 
     g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 import edgec.testing.prune_models as pm
 from edgec.passes.base import PassContext, get_pass, make_options
 from edgec.passes.regions import find_postprocess
-from edgec.pipeline.importer import fix_input_shapes
+from edgec.pipeline.input_shapes import fix_input_shapes
 from edgec.testing import realworld_models as rw
 
 
