@@ -25,7 +25,8 @@ from edgec.core.errors import EdgecError
 from edgec.core.executor import make_executor
 from edgec.core.fidelity import Comparator
 from edgec.pipeline.guards import MemoryGuard, check_activation_budget, check_finite_state_dict, parse_memory
-from edgec.pipeline.importer import finish_dynamic, fix_input_shapes, load_onnx_file, parse_shapes, plan_input_shapes
+from edgec.pipeline.importer import load_onnx_file
+from edgec.pipeline.input_shapes import finish_dynamic, fix_input_shapes, parse_shapes, plan_input_shapes
 from edgec.core.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
 from edgec.pipeline.policy import enforce_policy, preprocess_record, reconcile_preprocess, stamp_preprocess
 from edgec.pipeline.recipe import load_recipe
@@ -215,21 +216,27 @@ def _compile_model(opts: CompileOptions) -> dict:
             **({"dynamic": dynamic} if dynamic else {}),
             "seconds": round(time.perf_counter() - t_start, 2),
         }
-        rep.validate(report)
-        rep.write_json(tmp / "report.json", report)
-        (tmp / "report.recipe.yaml").write_text(recipe.to_yaml())
-        md = rep.render_markdown(report)
-        (tmp / "report.md").write_text(md)
-        manifest = {"edgec_version": rep.EDGEC_VERSION, "model": opts.model, "target": opts.target,
-                    "recipe": recipe.to_dict(), "seed": opts.seed, "input_sha256": src_info.get("input_sha256"),
-                    "versions": rep.tool_versions(), "command": opts.command,
-                    "files": {p.name: rep.sha256_file(p) for p in sorted(tmp.iterdir())
-                              if p.is_file() and p.name not in ("manifest.json", "report.json", "report.md")}}
-        manifest["preprocess"] = report["preprocess"]
-        manifest.update(build.get("manifest", {}))
-        rep.write_json(tmp / "manifest.json", manifest)
+        _write_reports(tmp, report, recipe, opts, src_info, build)
     report["out"] = str(out)
     return report
+
+
+def _write_reports(tmp: Path, report: dict, recipe, opts: CompileOptions, src_info: dict, build: dict) -> None:
+    """Validate the report and write report.json, report.recipe.yaml, report.md, then manifest.json (the hashes
+    of every other file in the staged directory) into `tmp`."""
+    rep.validate(report)
+    rep.write_json(tmp / "report.json", report)
+    (tmp / "report.recipe.yaml").write_text(recipe.to_yaml())
+    md = rep.render_markdown(report)
+    (tmp / "report.md").write_text(md)
+    manifest = {"edgec_version": rep.EDGEC_VERSION, "model": opts.model, "target": opts.target,
+                "recipe": recipe.to_dict(), "seed": opts.seed, "input_sha256": src_info.get("input_sha256"),
+                "versions": rep.tool_versions(), "command": opts.command,
+                "files": {p.name: rep.sha256_file(p) for p in sorted(tmp.iterdir())
+                          if p.is_file() and p.name not in ("manifest.json", "report.json", "report.md")}}
+    manifest["preprocess"] = report["preprocess"]
+    manifest.update(build.get("manifest", {}))
+    rep.write_json(tmp / "manifest.json", manifest)
 
 
 def _pass_context(opts, recipe, splits, reference, torch_module, dialect, cache_dir, tprobe, executor, concrete):
