@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
@@ -22,6 +22,36 @@ from edgec.core.executor import IN_PROCESS
 from edgec.core.progress import Progress, as_progress
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class TargetProbe(Protocol):
+    """What a target measures for the passes (PassContext.target_probe): every probe offers all of it.
+
+    targets/ort_latency.OrtLatencyProbe measures in this process; pipeline/cluster.RemoteProbe forwards the same
+    calls to a device on the cluster. Passes never ask a probe what it can do (no hasattr): a target without
+    measurements gives no probe (None), and a pass falls back to counted costs.
+    """
+
+    unknown_shape: list  # names of layers whose latency could not be measured at a static shape
+
+    def model_latency_ms(self, model: onnx.ModelProto, runs: int | None = None) -> float:
+        """Median batch-1 latency of `model` on the target."""
+
+    def compare_latency_ms(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
+        """Median latencies of `models`, timed interleaved in one run (ratios between them are what counts)."""
+
+    def layer_latency_table(self, model: onnx.ModelProto, layers, bits) -> dict[str, dict[int, float]]:
+        """{layer: {bits: ms}}: each layer's measured latency at each bitwidth."""
+
+    def effective_precision(self, model: onnx.ModelProto) -> dict:
+        """{layer: {"effective": "int8" | "fp32", ...}}: the precision the target's kernels really run."""
+
+    def check_kernels(self, model: onnx.ModelProto, claimed_bits: dict[str, int]) -> dict:
+        """Layers the pass claimed as low-bit that the target would run in float (and why)."""
+
+    def close(self) -> None:
+        """Free the device (a remote probe's actor); a local probe has nothing to free."""
 
 
 # typed slot -> the stats key the report has always read for it
@@ -107,7 +137,7 @@ class PassContext:
     threads: int = 1
     progress: Progress = field(default_factory=Progress)
     latency_probe: Callable[[onnx.ModelProto], float] | None = None
-    target_probe: Any = None  # target-provided measurements (e.g. per-layer latency tables); see targets/
+    target_probe: TargetProbe | None = None  # the target's measurements; None: counted costs only
     input_shapes: dict[str, tuple[int, ...]] | None = None
     validate_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
     validate_labels: np.ndarray | None = None

@@ -84,7 +84,7 @@ class _ProbeHost:
     def __init__(self, target: str, threads: int, cache_dir: str | None, input_shapes: dict | None):
         from edgec.targets.base import get_target
 
-        make = getattr(get_target(target), "make_probe", None)
+        make = get_target(target).make_probe
         if make is None:
             raise EdgecError(f"target '{target}' has no cost probe to run on a device")
         self.probe = make(threads, cache_dir, input_shapes=input_shapes)
@@ -94,7 +94,7 @@ class _ProbeHost:
 
     def call(self, method: str, *args) -> tuple[Any, list]:
         res = getattr(self.probe, method)(*args)
-        return res, list(getattr(self.probe, "unknown_shape", []) or [])
+        return res, list(self.probe.unknown_shape)
 
 
 class RemoteProbe:
@@ -106,7 +106,7 @@ class RemoteProbe:
 
         ex = _ray_executor(executor)
         self.ray, self.resource, self.timeout_s = ex.ray, resource, float(timeout_s)
-        if getattr(get_target(target), "make_probe", None) is None:
+        if get_target(target).make_probe is None:
             raise EdgecError(f"target '{target}' has no cost probe to run on a device (--probe-device applies to "
                              "targets that measure latency costs, today: ort)")
         nodes = device_nodes(ex, resource)
@@ -176,7 +176,7 @@ def make_compile_probe(executor, target: str, resource: str | None, threads: int
         return RemoteProbe(executor, target, resource, threads, cache_dir, input_shapes)
     from edgec.targets.base import get_target
 
-    make = getattr(get_target(target), "make_probe", None)
+    make = get_target(target).make_probe
     return make(threads, cache_dir, input_shapes=input_shapes) if make else None
 
 

@@ -33,7 +33,7 @@ from edgec.pipeline.recipe import load_recipe
 from edgec.pipeline.cluster import make_compile_probe
 from edgec.pipeline.runner import run_recipe, verify
 from edgec.pipeline.sources import OnnxSource, TorchSource, resolve
-from edgec.targets.base import BuildContext, get_target
+from edgec.targets.base import BuildContext, Target, get_target
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,8 @@ def _compile_model(opts: CompileOptions) -> dict:
     target = get_target(opts.target)
     recipe = load_recipe(opts.recipe, opts.overrides)  # validate before any heavy work
     name, model, torch_module, pre, desc, src_info = load_source(opts)
-    precheck = getattr(target, "precheck", None)
-    if precheck is not None:  # e.g. TensorRT's rule checker: fail before any pass runs
-        precheck(model)
+    if target.precheck is not None:  # e.g. TensorRT's rule checker: fail before any pass runs
+        target.precheck(model)
     out = Path(opts.out) if opts.out else default_out(opts, name)
     original, concrete, axes = src_info.pop("_shape_plan", (None, None, {}))
     check_activation_budget(model, parse_memory(opts.max_memory))  # refuse absurd input shapes before running
@@ -166,13 +165,14 @@ def _compile_model(opts: CompileOptions) -> dict:
     cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
     executor = make_executor(opts.cluster)  # results never depend on it (see core.executor)
     tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
-    ctx = _pass_context(opts, recipe, splits, reference, torch_module, target.DIALECT, cache_dir, tprobe, executor,
+    ctx = _pass_context(opts, recipe, splits, reference, torch_module, target.dialect, cache_dir, tprobe, executor,
                         concrete)
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     try:
         result = run_recipe(model, recipe, ctx)
     finally:
-        getattr(tprobe, "close", lambda: None)()  # a remote probe frees its device as soon as the passes are done
+        if tprobe is not None:
+            tprobe.close()  # a remote probe frees its device as soon as the passes are done
     final, policy = enforce_policy(result, ctx, recipe)
     pre_rec = preprocess_record(pre, inputs, opts.data)
     final = stamp_preprocess(final, pre_rec)
@@ -246,7 +246,7 @@ def _pass_context(opts, recipe, splits, reference, torch_module, dialect, cache_
     return PassContext(calib_batches=lambda: fit.iter_feeds(), calib_labels=fit.labels, reference_model=reference,
                        torch_model=torch_module, quant_dialect=dialect, seed=opts.seed, cache_dir=cache_dir,
                        threads=opts.threads[0], progress=_progress, target_probe=tprobe,
-                       latency_probe=getattr(tprobe, "model_latency_ms", None),
+                       latency_probe=tprobe.model_latency_ms if tprobe is not None else None,
                        input_shapes=dict(concrete) if concrete else None,
                        validate_batches=lambda: val.iter_feeds(), validate_labels=val.labels,
                        fidelity=recipe.floor_spec(len(val)), executor=executor)
@@ -285,10 +285,9 @@ def measure_fidelity(model_path: Path, reference: onnx.ModelProto, evals, *, opt
     return comp.result()
 
 
-def run_bench(target, outdir: Path, reference: onnx.ModelProto, bctx: BuildContext, opts: CompileOptions) -> dict:
-    tb = getattr(target, "bench", None)
-    if tb is not None:
-        return tb(outdir, bctx)
+def run_bench(target: Target, outdir: Path, reference: onnx.ModelProto, bctx: BuildContext, opts: CompileOptions) -> dict:
+    if target.bench is not None:
+        return target.bench(outdir, bctx)
     from edgec.targets.bench import latency_interleaved, peak_rss
 
     feeds = bctx.eval_split.feeds(0)

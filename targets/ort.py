@@ -14,7 +14,7 @@ import onnx
 
 from edgec.passes.quant.dialect import ORT_CPU
 from edgec.core.onnx_io import atomic_write, ort_session
-from edgec.targets.base import BuildContext
+from edgec.targets.base import BuildContext, Target
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +52,6 @@ def build(model: onnx.ModelProto, outdir: Path, ctx: BuildContext) -> dict:
     return {"artifacts": ["model.onnx", "model.ort.onnx", "session.json"], "settings": settings,
             "optimized_model": opt_path.name,
             "kernels": {k: {"claimed": v["claimed"], "effective": v["effective"], "kernel": v["kernel"]} for k, v in kernels.items()}}
+
+
+TARGET = Target(name=NAME, dialect=DIALECT, build=build, make_probe=make_probe)

@@ -64,7 +64,8 @@ def _time_interleaved(sessions: list, feeds: list[dict], runs: int, warmup: int 
 
 
 class OrtLatencyProbe:
-    """Target probe: per-layer latency tables and whole-model latency measured in ORT (CPU)."""
+    """Target probe (passes.base.TargetProbe): per-layer latency tables and whole-model latency measured in ORT
+    (CPU)."""
 
     source = "ort_measured"
 
@@ -78,6 +79,10 @@ class OrtLatencyProbe:
         self.runs = int(runs)
         self.input_shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
         self._tag = {"ort": ort.__version__, "cpu": _cpu_name(), "threads": self.threads}
+        self.unknown_shape: list[str] = []
+
+    def close(self) -> None:
+        """Nothing to free: the probe measures in this process (passes.base.TargetProbe)."""
 
     def _at(self, model: onnx.ModelProto) -> onnx.ModelProto:
         from edgec.passes.costs import with_input_shapes

@@ -459,8 +459,8 @@ def test_tensorrt_target_checks_rules_and_writes_trtexec(tmp_path):
     from edgec.targets import get_target
 
     trt = get_target("tensorrt")
-    assert trt.NAME == "tensorrt" and trt.DIALECT.name == "tensorrt"
-    assert trt.DIALECT.activation_dtype == "int8" and trt.DIALECT.activation_symmetric
+    assert trt.name == "tensorrt" and trt.dialect.name == "tensorrt" and trt.precheck is not None
+    assert trt.dialect.activation_dtype == "int8" and trt.dialect.activation_symmetric
     res = trt.build(tiny_classifier(quantized=True), tmp_path, make_ctx())
     assert {"model.onnx", "rules.json", "trtexec.sh"} <= {p.name for p in tmp_path.iterdir()}
     assert "--stronglyTyped" in (tmp_path / "trtexec.sh").read_text()

@@ -25,7 +25,7 @@ import onnx
 import edgec.targets.tensorrt as trt_target
 from edgec.passes.quant.dialect import TENSORRT
 from edgec.core.onnx_io import save_onnx
-from edgec.targets.base import BuildContext
+from edgec.targets.base import BuildContext, Target
 from edgec.targets.jetson import bundle as B
 
 log = logging.getLogger(__name__)
@@ -113,3 +113,6 @@ def bench(outdir: Path, ctx: BuildContext) -> dict:
         res["target"] = NAME
         res["comparable_reason"] = "measured on the build host, not on a clock-locked Jetson"
     return res
+
+
+TARGET = Target(name=NAME, dialect=DIALECT, build=build, bench=bench, precheck=precheck)

@@ -27,7 +27,7 @@ import onnx
 from edgec.passes.quant.dialect import TENSORRT
 from edgec.core.errors import EdgecError
 from edgec.core.onnx_io import atomic_write, graph_input_names, ort_session, run_session, save_onnx
-from edgec.targets.base import BuildContext
+from edgec.targets.base import BuildContext, Target
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +232,6 @@ def bench(outdir: Path, ctx: BuildContext) -> dict:
                        environment={"device": res["device"], "host": why, "clocks": clocks},
                        comparable=False, comparable_reason="host GPU; clocks not locked or checked by edgec",
                        extra=extra)
+
+
+TARGET = Target(name=NAME, dialect=DIALECT, build=build, bench=bench, precheck=precheck)
