@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from edgec.core.onnx_io import check_model
@@ -47,6 +47,7 @@ def _run(model, x):
 @given(width=st.sampled_from([3, 6, 12, 24]), groups=st.sampled_from([2, 3, 4]),
        context=st.sampled_from(["alone", "residual", "se"]), round_to=st.sampled_from([4, 8, 16]),
        ratio=st.floats(0.1, 0.95), seed=st.integers(0, 2 ** 16))
+@example(width=12, groups=2, context="se", round_to=8, ratio=0.875, seed=17)  # once drew all-dead channels on 1 input
 def test_grouped_prune_valid_and_exact(width, groups, context, round_to, ratio, seed):
     model = grouped_net(width, groups, context, seed % 7)
     gs = analyze(model)
@@ -73,9 +74,13 @@ def test_grouped_prune_valid_and_exact(width, groups, context, round_to, ratio, 
         return
     pruned, _ = remove_channels(zeroed, keep, gs)
     check_model(pruned)
-    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
-    assert pm.rel_diff(_run(pruned, x), _run(zeroed, x)) <= RTOL
-    assert pm.rel_diff(_run(zeroed, x), _run(model, x)) > 1e-4  # the zeroing mattered: the check can fail
+    xs = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    outs = {k: np.concatenate([_run(m, x) for x in xs]) for k, m in (("pruned", pruned), ("zeroed", zeroed),
+                                                                      ("model", model))}
+    assert pm.rel_diff(outs["pruned"], outs["zeroed"]) <= RTOL
+    # the zeroing must matter for the check to be able to fail; ReLUs can leave the removed channels dead on every
+    # input (seen: width 12, 2 groups, SE, keep 0.875), and such a draw proves nothing either way
+    assume(pm.rel_diff(outs["zeroed"], outs["model"]) > 1e-4)
 
 
 def _ctx(model, n=6):
