@@ -66,14 +66,14 @@ def _h_eltwise(an: _Analysis, i, n):
     an.set_layout(out, ax, base)
 
 
+def _conv_operands(an: _Analysis, n):
+    """(x, w, W, layout of x) of a Conv/ConvTranspose whose weight is constant and whose channels are on axis 1."""
+    x, w, W, lay = _conv_operands(an, n)
+    return x, w, W, lay
+
+
 def _h_conv(an: _Analysis, i, n):
-    x, w = n.input[0], n.input[1]
-    W = an.const(w)
-    if W is None:
-        raise _Unsupported("non-constant weight")
-    lay = an.layouts.get(x)
-    if lay is None or lay.axis != 1:
-        raise _Unsupported("channels not on axis 1")
+    x, w, W, lay = _conv_operands(an, n)
     G = int(attr(n, "group", 1))
     cout, cpg = W.shape[0], W.shape[1]
     cin = cpg * G
@@ -106,13 +106,7 @@ def _h_conv(an: _Analysis, i, n):
 
 
 def _h_convtranspose(an: _Analysis, i, n):
-    x, w = n.input[0], n.input[1]
-    W = an.const(w)
-    if W is None:
-        raise _Unsupported("non-constant weight")
-    lay = an.layouts.get(x)
-    if lay is None or lay.axis != 1:
-        raise _Unsupported("channels not on axis 1")
+    x, w, W, lay = _conv_operands(an, n)
     if int(attr(n, "group", 1)) != 1:
         raise _Unsupported("grouped ConvTranspose")
     if len(n.input) > 2 and n.input[2] and n.input[2] not in an.consts:

@@ -35,34 +35,40 @@ RECOVERIES = ("none", "fusion", "lstsq", "fusion+lstsq")
 
 @dataclass(frozen=True)
 class PruneOptions:
+    # the budget: exactly one of
     target_macs: float | None = None
     target_params: float | None = None
     target_latency_ms: float | None = None
+    strict_budget: bool = True  # False: an unreachable budget prunes to the closest reachable point (and says so)
+    # which channels: criteria.py
     criterion: str = "recon"
+    score_samples: int = 32
+    taylor_temperature: float = 0.5
+    # how many per group: allocate.py (+ the sensitivity scan, evaluate.py)
     allocation: str = "sensitivity"
     round_to: int = 8
-    recovery: str = "lstsq"
-    calib_samples: int = 64
-    score_samples: int = 32
-    fidelity_samples: int = 8
-    ridge: float = 0.3
-    max_positions: int = 256
-    residual_target: bool = True
-    protect_residual: bool = True
-    refit_scope: str = "consumers"
     min_keep_ratio: float = 0.0
+    protect_residual: bool = True
+    fidelity_samples: int = 8
     sensitivity_ratios: tuple = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
     sensitivity_refit: bool = False
     candidate_eval: str = "masked"  # masked: mask feeds to one session per group (evaluate.py) | rebuild: build each
-    lstsq_walk: bool = True  # least squares reads activations from a segment walk (walk.py); False: prefix runs
+
     ga_population: int = 12
     ga_generations: int = 8
     ga_bits: int = 4
+    latency_iters: int = 4
+    # recovery after removal: recover.py (least squares, fusion), torchkit (fine-tuning)
+    recovery: str = "lstsq"
+    calib_samples: int = 64
+    ridge: float = 0.3
+    max_positions: int = 256
+    residual_target: bool = True
+    refit_scope: str = "consumers"
+    lstsq_walk: bool = True  # least squares reads activations from a segment walk (walk.py); False: prefix runs
+
     finetune_epochs: int = 0
     finetune_lr: float = 1e-3
-    taylor_temperature: float = 0.5
-    latency_iters: int = 4
-    strict_budget: bool = True  # False: an unreachable budget prunes to the closest reachable point (and says so)
     # fidelity floor (passes/floor.py) vs the original on calibration samples: when the budget's model is below it,
     # bisect the budget toward 1.0 (floor_steps times) and keep the most pruned model that holds it
     min_top1_agreement: float | None = None
