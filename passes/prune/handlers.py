@@ -68,7 +68,13 @@ def _h_eltwise(an: _Analysis, i, n):
 
 def _conv_operands(an: _Analysis, n):
     """(x, w, W, layout of x) of a Conv/ConvTranspose whose weight is constant and whose channels are on axis 1."""
-    x, w, W, lay = _conv_operands(an, n)
+    x, w = n.input[0], n.input[1]
+    W = an.const(w)
+    if W is None:
+        raise _Unsupported("non-constant weight")
+    lay = an.layouts.get(x)
+    if lay is None or lay.axis != 1:
+        raise _Unsupported("channels not on axis 1")
     return x, w, W, lay
 
 
