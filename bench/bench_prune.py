@@ -109,12 +109,10 @@ def torch_pruning_l1(module_fn, shape, target, round_to=8):
 
 def run(args):
     from edgec.calib.data import InputInfo, load_data
+    from edgec.core.onnx_io import ort_session
     from edgec.passes.base import PassContext
     from edgec.passes.prune import prune_pass as P
-    from edgec.passes.prune.apply import remove_channels
-    from edgec.passes.prune.graph import CostModel, analyze
-    from edgec.core.onnx_io import ort_session
-    from edgec.pipeline.sources import efficientnet_lite0, resolve
+    from edgec.pipeline.sources import resolve
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +142,17 @@ def run(args):
         (out / "report.json").write_text(json.dumps({"rows": rows}, indent=1))
 
     print(_header(), flush=True)
+    bm = _edgec_sweep(args, model, ctx, fid, base, lat_feed, emit)
+    _peer_rows(args, src, base, bm, fid, lat_feed, emit)
+    return _finish(args, out, rows, t_start, len(val_feeds), len(feeds))
+
+
+def _edgec_sweep(args, model, ctx, fid, base, lat_feed, emit):
+    """Every criterion x allocation x target: allocation, removal, then least-squares recovery (one row each)."""
+    from edgec.passes.prune import prune_pass as P
+    from edgec.passes.prune.apply import remove_channels
+    from edgec.passes.prune.graph import CostModel, analyze
+
     with P._memo_analysis():
         groups = analyze(model)
         gbid = {g.id: g for g in groups}
@@ -202,8 +211,13 @@ def run(args):
                     except Exception as e:
                         log.exception("edgec %s/%s at %s failed", crit, alloc, tgt)
                         emit({"method": f"edgec {crit}/{alloc}", "target": tgt, "error": f"{type(e).__name__}: {e}"})
+    return bm
 
-    # the peer
+
+def _peer_rows(args, src, base, bm, fid, lat_feed, emit):
+    """Torch-Pruning L1 at each target (no recovery); MACs relative to the same base count as edgec's rows."""
+    from edgec.pipeline.sources import efficientnet_lite0
+
     for tgt in args.targets:
         try:
             t0 = time.time()
@@ -217,6 +231,9 @@ def run(args):
             log.exception("torch-pruning at %s failed", tgt)
             emit({"method": "torch-pruning L1", "target": tgt, "error": f"{type(e).__name__}: {e}"})
 
+
+def _finish(args, out, rows, t_start, n_val, n_eval):
+    """The 0.5x speed check, the validate-selected summary, report.json and report.md."""
     speed = speed_check(args) if args.speed else {}
     summary = _summary(rows, args.targets)
     report = {"rows": rows, "best_vs_peer": summary, "speed_0.5x": speed, "seconds": round(time.time() - t_start, 1),
@@ -224,8 +241,8 @@ def run(args):
               "selection": "best edgec configuration per target chosen by top-1 agreement on validate; eval reported"}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     md = [_header()] + [_fmt_row(r) for r in rows] + [
-        "", f"best edgec (selected on validate, {len(val_feeds)} samples) vs Torch-Pruning L1, top-1 agreement on eval "
-            f"({len(feeds)} held-out samples):"]
+        "", f"best edgec (selected on validate, {n_val} samples) vs Torch-Pruning L1, top-1 agreement on eval "
+            f"({n_eval} held-out samples):"]
     for tgt, s in summary.items():
         md.append(f"  {tgt}: edgec {s['edgec_top1']:.3f} (validate {s['edgec_val_top1']:.3f}; {s['edgec_method']}) vs "
                   f"peer {s['peer_top1']:.3f} -> {'BEATS' if s['beats'] else 'does not beat'}")
