@@ -152,8 +152,9 @@ def _edgec_sweep(args, model, ctx, fid, base, lat_feed, emit):
     from edgec.passes.prune import prune_pass as P
     from edgec.passes.prune.apply import remove_channels
     from edgec.passes.prune.graph import CostModel, analyze
+    from edgec.passes.prune.groups import memo_by_identity
 
-    with P._memo_analysis():
+    with memo_by_identity():
         groups = analyze(model)
         gbid = {g.id: g for g in groups}
         cm = CostModel(model, groups)

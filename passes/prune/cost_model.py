@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgec.passes.prune import groups as _groups  # through the module: prune_pass._memo_analysis swaps _analysis
+from edgec.passes.prune import groups as _groups
 from edgec.passes.prune.layout import _FLOAT_TYPES, _PARAM_TYPES, Group
 
 

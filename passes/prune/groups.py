@@ -2,6 +2,7 @@
 tensor, cached by graph structure (weight values are never cached: they are always read from the model passed in)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -32,8 +33,27 @@ def _fingerprint(model: onnx.ModelProto) -> bytes:
     return h.digest()
 
 
+_MEMO: dict | None = None  # id(model) -> (model, result) while `memo_by_identity` is active
+
+
+@contextlib.contextmanager
+def memo_by_identity():
+    """While one pass runs, the analysis of a model object is computed once (the pass asks for it many times on the
+    same, unchanged model); outside, every call re-reads the model (through the structural cache below)."""
+    global _MEMO
+    outer, _MEMO = _MEMO, ({} if _MEMO is None else _MEMO)
+    try:
+        yield
+    finally:
+        _MEMO = outer
+
+
 def _analysis(model: onnx.ModelProto) -> tuple[_Analysis, list[Group]]:
     """The analysis of the model's structure (cached by structure; weight values are always read from `model`)."""
+    if _MEMO is not None:
+        hit = _MEMO.get(id(model))
+        if hit is not None and hit[0] is model:
+            return hit[1]
     key = _fingerprint(model)
     hit = _CACHE.get(key)
     if hit is None:
@@ -42,7 +62,10 @@ def _analysis(model: onnx.ModelProto) -> tuple[_Analysis, list[Group]]:
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
-    return hit[0], copy.deepcopy(hit[1])
+    res = hit[0], copy.deepcopy(hit[1])
+    if _MEMO is not None:
+        _MEMO[id(model)] = (model, res)
+    return res
 
 
 def _build_analysis(model: onnx.ModelProto) -> tuple[_Analysis, list[Group]]:

@@ -24,6 +24,7 @@ from edgec.passes.floor import FloorSpec, OutputFloor
 from edgec.passes.prune import allocate as alloc
 from edgec.passes.prune import criteria as crit
 from edgec.passes.prune.fold import fold_small_constants
+from edgec.passes.prune.groups import memo_by_identity
 from edgec.passes.prune.search import _allocate, _floor_search, _latency_search, _select
 from edgec.core.errors import EdgecError
 from edgec.core.graph import attr
@@ -126,32 +127,6 @@ class PruneOptions:
         if not r or any(not 0.0 < x < 1.0 for x in r):
             raise ValueError("sensitivity_ratios must be fractions in (0, 1)")
         object.__setattr__(self, "sensitivity_ratios", r)
-
-
-@contextlib.contextmanager
-def _memo_analysis():
-    """Memoise the dependency analysis by model identity while one pass runs (graph.py re-analyses per call).
-    Swapped where it is looked up: groups.py (analyze, weights.py, cost_model.py), graph.py's and apply.py's names."""
-    import edgec.passes.prune.apply as AP
-    import edgec.passes.prune.graph as G
-    import edgec.passes.prune.groups as GR
-
-    orig = GR._analysis
-    cache: dict[int, tuple] = {}
-
-    def cached(model):
-        key = id(model)
-        if key not in cache or cache[key][0] is not model:
-            cache[key] = (model, orig(model))
-        return cache[key][1]
-
-    for mod in (GR, G, AP):
-        mod._analysis = cached
-    try:
-        yield
-    finally:
-        for mod in (GR, G, AP):
-            mod._analysis = orig
 
 
 def _blas_threads(n: int):
@@ -408,7 +383,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
 
     t_start = time.perf_counter()
     model, folded = fold_small_constants(model)
-    with _memo_analysis(), _blas_threads(ctx.threads):
+    with memo_by_identity(), _blas_threads(ctx.threads):
         groups = analyze(model)
         post = _close_postprocess(model, groups, ctx.input_shapes)
         prunable = _candidates(groups, opts)

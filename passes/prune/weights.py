@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from edgec.core.graph import Graph, attr
-from edgec.passes.prune import groups as _groups  # through the module: prune_pass._memo_analysis swaps _analysis
+from edgec.passes.prune import groups as _groups
 from edgec.passes.prune.analysis import _Analysis
 from edgec.passes.prune.layout import Group
 
