@@ -25,6 +25,7 @@ import onnx
 
 from edgec.calib.ranges import ESTIMATORS
 from edgec.calib.stats import collect_stats
+from edgec.core.graph import node_name
 from edgec.passes.base import PassContext, PassResult, register_pass
 from edgec.passes.costs import count_costs
 from edgec.passes.floor import FloorSpec, OutputFloor
@@ -149,14 +150,9 @@ def candidate_bits(layers: list[Layer], dialect: QuantDialect, opts: QuantOption
 
 
 def _layer_macs(model: onnx.ModelProto, layers: list[Layer], input_shapes: dict | None = None) -> dict[str, int]:
+    """MACs per layer (both keyed by the one naming rule); a layer count_costs does not know counts its params."""
     per = count_costs(model, input_shapes).per_node
-    out = {}
-    for i, n in enumerate(model.graph.node):
-        key = n.name or f"{n.op_type}_{i}"
-        nm = n.name or (n.output[0] if n.output else key)
-        if key in per:
-            out[nm] = per[key]
-    return {L.name: max(int(out.get(L.name, L.params)), 1) for L in layers}
+    return {L.name: max(int(per.get(L.name, L.params)), 1) for L in layers}
 
 
 def _other_weight_bits(model: onnx.ModelProto, layers: list[Layer]) -> float:
@@ -184,7 +180,9 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     post = find_postprocess(m, input_shapes=ctx.input_shapes)
     if post.nodes:
         # decode / post-processing region (passes/regions.py): its layers (e.g. a YOLO DFL conv) stay fp32
-        fixed32 = sorted(L.name for L in layers if L.name in post.nodes)  # both name nodes by name or output[0]
+        # the region's nodes by position, under the one naming rule the layers are named by
+        in_region = {node_name(m.graph.node[i], i) for i in post.indices}
+        fixed32 = sorted(L.name for L in layers if L.name in in_region)
         stats["postprocess"] = {**post.summary(m), "layers_fp32": fixed32}
         if fixed32:
             opts = dataclasses.replace(opts, keep_fp32=tuple(opts.keep_fp32) + tuple(fixed32))
