@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 
 from edgec.calib.activations import stream_activations
-from edgec.passes.regions import find_postprocess, node_key, region_inputs, tap_tensors
+from edgec.core.graph import node_name
+from edgec.passes.regions import find_postprocess, region_inputs, tap_tensors
 from edgec.core.errors import EdgecError
 
 COSINE_SCOPES = ("all", "dense_models")
@@ -141,7 +142,7 @@ class OutputFloor:
             if taps and ref_t is not None:
                 self.taps = taps
                 self.gate_taps = {"auto": post.selection, "inputs": True, "outputs": False}[spec.region_gate]
-                made = {o for n in model.graph.node if node_key(n) in post.nodes for o in n.output}
+                made = {o for i, n in enumerate(model.graph.node) if node_name(n, i) in post.nodes for o in n.output}
                 self.region_outputs = [n for n in self.names if n in made]
         # with the floor on the region's inputs, its data-dependent outputs are not compared (their shapes differ)
         self.out_names = [n for n in self.names if not (self.gate_taps and n in self.region_outputs)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from edgec.core.graph import node_name
 from edgec.passes.costs import static_shapes
 
 SELECT_OPS = {"NonMaxSuppression", "TopK", "NonZero"}
@@ -34,15 +35,11 @@ class Region:
 
     def summary(self, model: onnx.ModelProto) -> dict:
         ops: dict[str, int] = {}
-        for n in model.graph.node:
-            if node_key(n) in self.nodes:
+        for i, n in enumerate(model.graph.node):
+            if node_name(n, i) in self.nodes:
                 ops[n.op_type] = ops.get(n.op_type, 0) + 1
         return {"nodes": len(self.nodes), "seeds": self.seeds, "weights": self.weights, "selection": self.selection,
                 "ops": dict(sorted(ops.items()))}
-
-
-def node_key(n: onnx.NodeProto) -> str:
-    return n.name or (n.output[0] if n.output else "")
 
 
 def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01,
@@ -94,7 +91,7 @@ def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01,
                 if w > max_weight_fraction * total or not reaches_output(c):
                     c = None
         if c is not None and i not in region:
-            seeds.append(node_key(n))
+            seeds.append(node_name(n, i))
             region |= c
     # the weightless tail: a node without learned weights whose every result is consumed inside the region (class
     # softmax, box decoding against anchors, the head Concat) is post-processing too; grow upward to the last
@@ -115,7 +112,7 @@ def find_postprocess(model: onnx.ModelProto, max_weight_fraction: float = 0.01,
                     grew = True
     weights = sum(weight_count(nodes[k]) for k in region)
     selection = any(nodes[k].op_type in SELECT_OPS for k in region)
-    return Region({node_key(nodes[k]) for k in region}, set(region), seeds, weights, selection)
+    return Region({node_name(nodes[k], k) for k in region}, set(region), seeds, weights, selection)
 
 
 def region_inputs(model: onnx.ModelProto, region: Region) -> list[tuple[str, int]]:
@@ -137,6 +134,7 @@ def region_inputs(model: onnx.ModelProto, region: Region) -> list[tuple[str, int
         if n.op_type not in ("Shape", "Size") and any(x in live for x in n.input):
             live.update(n.output)
     producer = {o: n for n in g.node for o in n.output}
+    index = {id(n): i for i, n in enumerate(g.node)}
 
     def source(n: onnx.NodeProto, k: int) -> tuple[onnx.NodeProto, int]:
         """Walk up constant-parameter views (per-class Gather/Slice of one score tensor, Reshape, ...) so that many
@@ -161,13 +159,13 @@ def region_inputs(model: onnx.ModelProto, region: Region) -> list[tuple[str, int
             if t in seen or types.get(t) != onnx.TensorProto.FLOAT:
                 continue
             seen.add(t)
-            taps.append((node_key(sn), sk))
+            taps.append((node_name(sn, index[id(sn)]), sk))
     return sorted(taps)
 
 
 def tap_tensors(model: onnx.ModelProto, taps: list[tuple[str, int]]) -> list[str] | None:
     """The tensor each tap reads in `model` (None if a tapped node is missing)."""
-    by_key = {node_key(n): n for n in model.graph.node}
+    by_key = {node_name(n, i): n for i, n in enumerate(model.graph.node)}
     out = []
     for key, k in taps:
         n = by_key.get(key)

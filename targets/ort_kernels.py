@@ -17,6 +17,7 @@ from collections import defaultdict
 import onnx
 
 from edgec.core.errors import EdgecError
+from edgec.core.graph import node_name
 from edgec.core.onnx_io import ort_session
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def quantized_layers(model: onnx.ModelProto) -> dict[str, dict]:
     for i, n in enumerate(model.graph.node):
         if n.op_type not in LAYER_OPS or len(n.input) < 2:
             continue
-        name = n.name or n.output[0]
+        name = node_name(n, i)
         w = n.input[1]
         p = prod.get(w)
         if w in inits:

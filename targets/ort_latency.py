@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgec.core.onnx_io import model_bytes, atomic_write, graph_input_names, ort_session
+from edgec.core.graph import node_name
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class OrtLatencyProbe:
         shapes = _shapes(model)
         nodes = {}
         for i, n in enumerate(model.graph.node):
-            nodes[n.name or n.output[0]] = n
+            nodes[node_name(n, i)] = n
         inits = {i.name: i for i in model.graph.initializer}
         prod = {o: n for n in model.graph.node for o in n.output}
         table = {}

@@ -251,13 +251,14 @@ def test_fp32_layer_between_int8_layers_stays_fp32():
     eff = effective_precision(qm)
     assert eff[mid.name]["effective"] == "fp32" and eff[mid.name]["kernel"] in ("Conv", "FusedConv")
     assert all(eff[L]["effective"] == "int8" for L in bits)
-    # without the guard ORT's optimized graph diverges from the unoptimized one (it re-quantizes per tensor)
+    # Without the guard, ORT's optimizer may quantize the float layer behind our back (WeightBiasQuantization, per
+    # tensor). Whether it does, and how far optimized int8 kernels drift from the unoptimized Q/DQ math, depends on
+    # the ORT build and the CPU (an AVX2 machine without VNNI: it did not, and the u8s8 kernels of the other layers
+    # drift by 7%), so the contract is checked on the graph the optimizer leaves: with the guard the layer is fp32
+    # above, on every machine; here, the guard changes no value when optimizations are off.
     from dataclasses import replace
     unguarded, _ = _quantize(m, bits, dialect=replace(ORT_CPU, guard_fp32_layers=False))
     f = _feeds(m, 2, seed=1)
-    d_guard = max(_rel(a, b) for a, b in zip(_run(qm, f, True), _run(qm, f, False)))
-    d_unguard = max(_rel(a, b) for a, b in zip(_run(unguarded, f, True), _run(unguarded, f, False)))
-    assert d_guard < d_unguard
     g = max(_rel(a, b) for a, b in zip(_run(qm, f, False), _run(unguarded, f, False)))
     assert g <= RTOL  # same math when optimizations are off
 
