@@ -22,13 +22,62 @@ different scale contribute equally and scores are comparable across groups (glob
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "apoz", "entropy", "kl", "actnorm", "recon", "random")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "apoz", "entropy", "kl", "actnorm", "recon", "random")  # = SCORERS
 ACTIVATION_CRITERIA = {"apoz", "entropy", "actnorm", "recon"}
+
+
+@dataclass
+class GroupEvidence:
+    """What a criterion may read about one group: weights of its producers (rows) and consumers (columns), its
+    activation statistics, its OBS problems (recon), torch-side Taylor scores, the BN scales, the run's rng."""
+
+    size: int
+    prod: list
+    cons: list
+    acts: dict | None = None
+    problems: list | None = None
+    taylor: np.ndarray | None = None
+    bn_gamma: Callable[[], np.ndarray | None] = lambda: None
+    rng: np.random.Generator | None = None
+    ridge: float = 1e-3
+
+
+def _by_bn(e: GroupEvidence):
+    gamma = e.bn_gamma()
+    if gamma is None:
+        return (l2_score(e.prod) if e.prod else None,
+                "no unfolded BatchNorm/scale: l2 of producer rows (which carry gamma after folding)")
+    return bn_score(gamma), None
+
+
+def _by_recon(e: GroupEvidence):
+    if e.problems is not None:
+        return recon_scores(e.problems, e.size, e.ridge), None
+    if e.acts is not None:
+        return actnorm_score(e.acts["mean_abs"], e.cons), "consumers not refittable or too wide for OBS: actnorm"
+    return None, None
+
+
+# criterion -> (evidence -> (scores or None, note or None)); None falls back to l1 (with a note) in the pass
+SCORERS: dict[str, Callable[[GroupEvidence], tuple]] = {
+    "l1": lambda e: (l1_score(e.prod + e.cons) if e.prod + e.cons else None, None),
+    "l2": lambda e: (l2_score(e.prod + e.cons) if e.prod + e.cons else None, None),
+    "bn_scale": _by_bn,
+    "taylor": lambda e: (e.taylor, None),
+    "apoz": lambda e: (apoz_score(e.acts["apoz"]) if e.acts is not None else None, None),
+    "entropy": lambda e: (entropy_score(e.acts["pooled"]) if e.acts is not None else None, None),
+    "kl": lambda e: (kl_score(np.concatenate(e.prod, 1)) if e.prod else None, None),
+    "actnorm": lambda e: (actnorm_score(e.acts["mean_abs"], e.cons) if e.acts is not None else None, None),
+    "recon": _by_recon,
+    "random": lambda e: (random_score(e.size, e.rng), None),
+}
 
 
 # ----------------------------------------------------------------------------- array-level scores
@@ -309,3 +358,6 @@ def recon_problems(model, groups, layers_of, feeds, samples: int, *, max_positio
         if probs:
             out[gid] = probs
     return out
+
+
+assert tuple(SCORERS) == CRITERIA

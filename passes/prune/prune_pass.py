@@ -12,6 +12,7 @@ fidelity-floor / latency searches around one budget are in passes/prune/search.p
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -160,40 +161,16 @@ def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOpt
 
         taylor = torch_tools.taylor_scores(model, groups, ctx, samples=opts.score_samples,
                                            temperature=opts.taylor_temperature)
+    scorer = crit.SCORERS[criterion]
     for g in groups:
         prod = G.producer_weights(model, g)
         cons = G.consumer_weights(model, g)
         mats = prod + cons
-        s = None
-        if criterion == "l1":
-            s = crit.l1_score(mats) if mats else None
-        elif criterion == "l2":
-            s = crit.l2_score(mats) if mats else None
-        elif criterion == "bn_scale":
-            gamma = G.bn_scales(model, g)
-            if gamma is None:
-                notes[g.id] = "no unfolded BatchNorm/scale: l2 of producer rows (which carry gamma after folding)"
-                s = crit.l2_score(prod) if prod else None
-            else:
-                s = crit.bn_score(gamma)
-        elif criterion == "taylor":
-            s = taylor.get(g.id)
-        elif criterion == "apoz" and g.id in acts:
-            s = crit.apoz_score(acts[g.id]["apoz"])
-        elif criterion == "entropy" and g.id in acts:
-            s = crit.entropy_score(acts[g.id]["pooled"])
-        elif criterion == "kl":
-            s = crit.kl_score(np.concatenate(prod, 1)) if prod else None
-        elif criterion == "actnorm" and g.id in acts:
-            s = crit.actnorm_score(acts[g.id]["mean_abs"], cons)
-        elif criterion == "recon":
-            if g.id in problems:
-                s = crit.recon_scores(problems[g.id], g.size, opts.ridge)
-            elif g.id in acts:
-                notes[g.id] = "consumers not refittable or too wide for OBS: actnorm"
-                s = crit.actnorm_score(acts[g.id]["mean_abs"], cons)
-        elif criterion == "random":
-            s = crit.random_score(g.size, rng)
+        ev = crit.GroupEvidence(g.size, prod, cons, acts.get(g.id), problems.get(g.id), taylor.get(g.id),
+                                functools.partial(G.bn_scales, model, g), rng, opts.ridge)
+        s, note = scorer(ev)
+        if note:
+            notes[g.id] = note
         if s is None:
             notes.setdefault(g.id, f"{criterion} unavailable for this group: l1")
             s = crit.l1_score(mats) if mats else np.ones(g.size)

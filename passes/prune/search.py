@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,59 +93,97 @@ def _refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) -> di
     return cur
 
 
+@dataclass
+class _AllocRequest:
+    """What every allocation strategy may use: the candidate groups, their scores, the budget and its cost."""
+
+    model: object
+    prunable: list
+    groups: list
+    groups_by_id: dict
+    scores: dict
+    budget: alloc.Budget
+    cost_f: object  # keep -> (macs ratio, params ratio), with the min_keep_ratio floor applied
+    floor_keep: object
+    ctx: object
+    opts: object
+    probe: object
+    cache: dict
+    sizes: dict
+    aligns: dict
+
+
+def _by_uniform(r: _AllocRequest):
+    return alloc.uniform(r.sizes, r.cost_f, r.budget, r.opts.round_to, r.aligns)
+
+
+def _by_global(r: _AllocRequest):
+    return alloc.global_threshold({g: r.scores[g] for g in r.sizes}, r.cost_f, r.budget, r.opts.round_to, r.aligns,
+                                  normalize=r.opts.criterion != "recon")
+
+
+def _by_adaptive(r: _AllocRequest):
+    from edgec.passes.prune import graph as G
+
+    elems = {}
+    for g in r.prunable:
+        prod = G.producer_weights(r.model, g)
+        e = np.concatenate([np.abs(p).reshape(g.size, -1) for p in prod], 1) if prod else None
+        if e is None:
+            e = np.repeat(np.abs(r.scores[g.id])[:, None], 2, 1)
+        # weight-level importance scaled by the channel criterion (so the knee follows the chosen criterion)
+        s = crit._norm(np.abs(r.scores[g.id]) + 1e-12)
+        elems[g.id] = e * s[:, None]
+    return alloc.adaptive(elems, r.cost_f, r.budget, r.opts.round_to, r.aligns)
+
+
+def _by_sensitivity(r: _AllocRequest):
+    curves = _sensitivity_curves(r.model, r.prunable, r.groups, r.groups_by_id, r.scores, r.ctx, r.opts, r.probe,
+                                 r.cache)
+    return alloc.sensitivity(curves, r.sizes, r.cost_f, r.budget, r.opts.round_to, r.aligns)
+
+
+def _by_ga(r: _AllocRequest):
+    opts, ctx = r.opts, r.ctx
+    base = alloc.uniform(r.sizes, r.cost_f, r.budget, opts.round_to, r.aligns)
+    payload = _executor(ctx).put(EV.make_payload(r.model, r.groups, r.scores, r.probe, threads=ctx.threads,
+                                                 search=sorted(r.sizes), masked=opts.candidate_eval == "masked"))
+
+    def fid(keeps):  # one generation's new individuals, through the executor
+        return _executor(ctx).map(functools.partial(EV.ga_fidelity, payload), [r.floor_keep(k) for k in keeps],
+                                  desc="prune: GA fitness")
+
+    a = alloc.ga(r.sizes, r.cost_f, r.budget, lambda k: fid([k])[0], ctx.rng("prune.ga"),
+                 population=opts.ga_population, generations=opts.ga_generations, bits=opts.ga_bits,
+                 round_to=opts.round_to, aligns=r.aligns, seeds=[base.keep], fidelity_many=fid)
+    EV.release(payload)
+    return a
+
+
+ALLOCATORS = {"uniform": _by_uniform, "global": _by_global, "adaptive": _by_adaptive,
+              "sensitivity": _by_sensitivity, "ga": _by_ga}
+assert tuple(ALLOCATORS) == alloc.ALLOCATIONS
+
+
 def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budget, cost, ctx, opts, probe,
               cache: dict | None = None):
-    """Keep counts per group. `cache` (optional, per model and scores) reuses sensitivity curves across budgets."""
+    """Keep counts per group by opts.allocation (ALLOCATORS). `cache` (optional, per model and scores) reuses
+    sensitivity curves across budgets."""
     sizes = {g.id: g.size for g in prunable}
     aligns = {g.id: g.align for g in prunable}
-    r2 = opts.round_to
 
     def floor_keep(keep):  # min_keep_ratio floor
         if opts.min_keep_ratio <= 0:
             return keep
-        return {gid: max(k, alloc.round_keep(opts.min_keep_ratio * sizes[gid], sizes[gid], r2, aligns[gid]))
-                for gid, k in keep.items()}
+        return {gid: max(k, alloc.round_keep(opts.min_keep_ratio * sizes[gid], sizes[gid], opts.round_to,
+                                             aligns[gid])) for gid, k in keep.items()}
 
     def cost_f(keep):
         return cost(floor_keep(keep))
 
-    if opts.allocation == "uniform":
-        a = alloc.uniform(sizes, cost_f, budget, r2, aligns)
-    elif opts.allocation == "global":
-        a = alloc.global_threshold({g: scores[g] for g in sizes}, cost_f, budget, r2, aligns,
-                                   normalize=opts.criterion != "recon")
-    elif opts.allocation == "adaptive":
-        from edgec.passes.prune import graph as G
-
-        elems = {}
-        for g in prunable:
-            prod = G.producer_weights(model, g)
-            e = np.concatenate([np.abs(p).reshape(g.size, -1) for p in prod], 1) if prod else None
-            if e is None:
-                e = np.repeat(np.abs(scores[g.id])[:, None], 2, 1)
-            # weight-level importance scaled by the channel criterion (so the knee follows the chosen criterion)
-            s = crit._norm(np.abs(scores[g.id]) + 1e-12)
-            elems[g.id] = e * s[:, None]
-        a = alloc.adaptive(elems, cost_f, budget, r2, aligns)
-    elif opts.allocation == "sensitivity":
-        cache = cache if cache is not None else {}
-        curves = _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts, probe, cache)
-        a = alloc.sensitivity(curves, sizes, cost_f, budget, r2, aligns)
-    else:  # ga
-        base = alloc.uniform(sizes, cost_f, budget, r2, aligns)
-
-        payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, threads=ctx.threads,
-                                                     search=sorted(sizes), masked=opts.candidate_eval == "masked"))
-
-        def fid(keeps):  # one generation's new individuals, through the executor
-            return _executor(ctx).map(functools.partial(EV.ga_fidelity, payload), [floor_keep(k) for k in keeps],
-                                      desc="prune: GA fitness")
-
-        a = alloc.ga(sizes, cost_f, budget, lambda k: fid([k])[0], ctx.rng("prune.ga"),
-                     population=opts.ga_population,
-                     generations=opts.ga_generations, bits=opts.ga_bits, round_to=r2, aligns=aligns,
-                     seeds=[base.keep], fidelity_many=fid)
-        EV.release(payload)
+    req = _AllocRequest(model, prunable, groups, groups_by_id, scores, budget, cost_f, floor_keep, ctx, opts, probe,
+                        cache if cache is not None else {}, sizes, aligns)
+    a = ALLOCATORS[opts.allocation](req)
     a.keep = floor_keep(a.keep)
     a.cost = cost(a.keep)
     return a
