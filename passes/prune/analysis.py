@@ -6,9 +6,8 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from edgec.core.graph import attr, node_names
+from edgec.core.graph import Graph, attr, node_names
 from edgec.passes.prune.fold import _infer_shapes
 from edgec.passes.prune.handlers import _HANDLERS, _h_eltwise, _h_pool, _h_reduce, _h_softmax, _h_unary
 from edgec.passes.prune.layout import (_ELTWISE, _POOL, _REDUCE, _SOFTMAX, _UNARY, ChannelRef, _Layout, _Mac, _Rec,
@@ -22,17 +21,10 @@ class _Analysis:
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
-        g = model.graph
-        self.nodes = [_copy_node(n) for n in g.node]
+        gi = Graph(model)
+        self.nodes = [_copy_node(n) for n in gi.nodes]
         self.names = node_names(self.nodes)
-        self.consts: dict[str, np.ndarray] = {}
-        for init in g.initializer:
-            self.consts[init.name] = numpy_helper.to_array(init)
-        for n in self.nodes:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.consts[n.output[0]] = numpy_helper.to_array(a.t)
+        self.consts: dict[str, np.ndarray] = {name: gi[name] for name in [*gi.inits, *gi.cnodes]}
         self.shapes, self.dtypes, self.derived = _infer_shapes(model, self.consts)
         self.real_consts = set(self.consts)
         self.consts.update(self.derived)
@@ -48,14 +40,10 @@ class _Analysis:
         self.macs: list[_Mac] = []
         self.refs: list[tuple[str, ChannelRef]] = []  # (tensor, ref): the group(s) present in tensor get ref
         self.blocks: list[tuple[str, int, str]] = []  # (tensor, G, node name): grouped conv block constraint
-        self.producer_of: dict[str, int] = {}
-        self.users: dict[str, list[tuple[int, int]]] = {}
-        for i, n in enumerate(self.nodes):
-            for o in n.output:
-                self.producer_of[o] = i
-            for k, x in enumerate(n.input):
-                if x:
-                    self.users.setdefault(x, []).append((i, k))
+        self.producer_of: dict[str, int] = dict(gi.producer_index)
+        index = {id(n): i for i, n in enumerate(gi.nodes)}
+        self.users: dict[str, list[tuple[int, int]]] = {x: [(index[id(n)], k) for n, k in uses]
+                                                         for x, uses in gi.consumers.items()}
         self._propagate()
         self._components()
         # keep only what later queries need: small constants, no reference to the model or its weights
