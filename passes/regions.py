@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from edgec.core.graph import node_name
+from edgec.core.graph import Graph, node_name
 from edgec.passes.costs import static_shapes
 
 SELECT_OPS = {"NonMaxSuppression", "TopK", "NonZero"}
@@ -124,8 +124,8 @@ def region_inputs(model: onnx.ModelProto, region: Region) -> list[tuple[str, int
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(g.input)
              + list(g.output)}
-    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output} \
-        | {i.name for i in g.input}
+    gi = Graph(model)
+    consts = set(gi.inits) | set(gi.cnodes) | {i.name for i in g.input}
     made_inside = {o for i in region.indices for o in g.node[i].output}
     # tensors whose values depend on a graph input's values (a Shape output depends on its shape only: anchor
     # grids and stride maps built from Shape/Range are not network outputs)
@@ -133,7 +133,7 @@ def region_inputs(model: onnx.ModelProto, region: Region) -> list[tuple[str, int
     for n in g.node:
         if n.op_type not in ("Shape", "Size") and any(x in live for x in n.input):
             live.update(n.output)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = gi.producer
     index = {id(n): i for i, n in enumerate(g.node)}
 
     def source(n: onnx.NodeProto, k: int) -> tuple[onnx.NodeProto, int]:

@@ -17,7 +17,7 @@ from collections import defaultdict
 import onnx
 
 from edgec.core.errors import EdgecError
-from edgec.core.graph import node_name
+from edgec.core.graph import Graph, node_name
 from edgec.core.onnx_io import ort_session
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 def quantized_layers(model: onnx.ModelProto) -> dict[str, dict]:
     """Layers of a Q/DQ graph: {layer name: {"weight": quantized initializer, "dtype": int8|int4|fp16|fp32, "op"}}."""
-    inits = {i.name: i for i in model.graph.initializer}
-    prod = {o: n for n in model.graph.node for o in n.output}
+    gi = Graph(model)
+    inits, prod = gi.inits, gi.producer
     out = {}
     for i, n in enumerate(model.graph.node):
         if n.op_type not in LAYER_OPS or len(n.input) < 2:

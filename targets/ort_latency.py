@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgec.core.graph import Graph, attrs
 from edgec.core.onnx_io import model_bytes, atomic_write, graph_input_names, ort_session
-from edgec.core.graph import node_name
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +140,12 @@ class OrtLatencyProbe:
         all_layers = {L.name: L for L in find_layers(model)}
         layers = [all_layers[L] if isinstance(L, str) else L for L in layers]
         shapes = _shapes(model)
-        nodes = {}
-        for i, n in enumerate(model.graph.node):
-            nodes[node_name(n, i)] = n
-        inits = {i.name: i for i in model.graph.initializer}
-        prod = {o: n for n in model.graph.node for o in n.output}
+        gi = Graph(model)
+        inits, prod = gi.inits, gi.producer
         table = {}
         self.unknown_shape = []
         for L in layers:
-            node = nodes[L.name]
+            node = gi.node(L.name)
             if not all(d > 0 for d in shapes.get(L.input, ())) or not shapes.get(L.input):
                 # input shape not static even at the compile shape (computed by a decode head): no measurement;
                 # equal times say "no saving", so the allocator keeps it fp32 unless the budget needs it
@@ -157,7 +154,7 @@ class OrtLatencyProbe:
                 continue
             op_out = output_point(model, L)
             act = prod[op_out] if op_out != L.output else None
-            key_src = {"op": L.op, "attrs": [(a.name, str(helper.get_attribute_value(a))) for a in node.attribute],
+            key_src = {"op": L.op, "attrs": [(k, str(v)) for k, v in attrs(node).items()],
                        "w": list(L.w_shape), "x": list(shapes.get(L.input, ())), "bias": L.bias is not None,
                        "act": act.op_type if act is not None else None, "v": 3, **self._tag}
             variants = sorted({8 if b == 8 else 32 for b in bits})
@@ -217,7 +214,7 @@ class OrtLatencyProbe:
             lin[0], lin[1] = "x", "w"
             x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, xs)
         lin_out = "yl" if (act is not None or b == 8) else "y"
-        nodes.append(helper.make_node(node.op_type, lin, [lin_out], **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+        nodes.append(helper.make_node(node.op_type, lin, [lin_out], **attrs(node)))
         cur = lin_out
         if act is not None:
             extra = []

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from edgec.core.graph import Graph
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FidelityProbe", "MaskedEval", "maskable"]
@@ -158,7 +160,7 @@ def _needed(nodes, outputs: set[str]) -> list[int]:
 
 
 def _sub_model(model, nodes, inputs: list[tuple[str, np.ndarray | onnx.ValueInfoProto]], outputs: list[str]):
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = Graph(model).inits
     used = {x for n in nodes for x in n.input if x}
     g = helper.make_graph(
         list(nodes), model.graph.name or "sub",

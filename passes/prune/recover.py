@@ -53,7 +53,7 @@ def _put(g: Graph, name: str, value: np.ndarray) -> None:
 
 def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     """A copy of `model` whose only outputs are `outputs`, keeping just the nodes they depend on."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = Graph(model).producer
     need, stack = set(), list(outputs)
     keep_nodes = set()
     while stack:
