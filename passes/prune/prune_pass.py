@@ -28,7 +28,7 @@ from edgec.passes.prune.fold import fold_small_constants
 from edgec.passes.prune.groups import memo_by_identity
 from edgec.passes.prune.search import _allocate, _floor_search, _latency_search, _select
 from edgec.core.errors import EdgecError
-from edgec.core.graph import attr
+from edgec.core.graph import Graph, attr
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,11 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
         for r in g.producers + [o for o in g.others if o.role == "dw"]:
             outs.setdefault(r.node, []).append((g.id, r.offset, g.size))
     out_channels = {}
+    ref = Graph(model_ref)
     for name in list(layers):
         parts = sorted(outs.get(name, []), key=lambda x: x[1])
-        node = R._node_by_name(model_ref, name)
-        w = R._get(model_ref, node.input[1]) if node is not None and len(node.input) > 1 else None
+        node = ref.node(name)
+        w = ref.const(node.input[1]) if node is not None and len(node.input) > 1 else None
         n_out = None
         if w is not None:
             n_out = w.shape[0] if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)) \
@@ -258,13 +259,13 @@ def _fuse(model, groups_by_id, keep_idx, acts, stats):
         means = acts[gid]["mean"] if gid in acts else None
         done = 0
         for L in G.consumer_layers(model, g):
-            node = R._node_by_name(m, L["node"])
-            lay, why = R.Layer.from_node(m, node)
+            gm = Graph(m)
+            lay, why = R.Layer.from_node(m, gm.node(L["node"]))
             pos = np.asarray(L["positions"]).reshape(g.size, -1)
             if lay is None or pos.shape[1] != 1 or (L["op"] == "Conv" and L.get("group", 1) != 1):
                 continue
             pos = pos[:, 0]
-            W = R._get(m, lay.weight).copy()
+            W = gm[lay.weight].copy()
             if lay.op == "Conv":
                 C = W[:, pos].reshape(W.shape[0], len(pos), -1)  # (o, n, taps)
                 C2 = C.transpose(0, 2, 1).reshape(-1, len(pos))

@@ -40,9 +40,6 @@ def _node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
     return Graph(model).node(name)
 
 
-_attrs = attrs  # TODO(renovation): prune_pass still reads R._attrs/_get/_node_by_name; goes with its split
-
-
 def _put(g: Graph, name: str, value: np.ndarray) -> None:
     """Overwrite initializer `name` (keeping its dtype), or add it."""
     if name in g.inits:
