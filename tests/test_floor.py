@@ -85,6 +85,11 @@ def test_prune_relaxes_budget_to_hold_cosine_floor():
     assert _cosine(free.model, m, feeds) < 0.98        # the budget alone breaks the floor ...
     fl = held.stats["floor"]
     assert fl["met"] and not fl["history"][0]["ok"] and "relaxed" in fl["note"]
+    f_max = 0.3
+    for _ in range(5):
+        f_max = 0.5 * (f_max + 1.0)
+    assert fl["history"][1]["target"] == round(f_max, 4) and fl["history"][1]["ok"]  # probed first, then bisected
+    assert len(fl["history"]) <= 1 + 1 + 5
     assert _cosine(held.model, m, feeds) >= 0.98 - 1e-6  # ... the floor holds (same samples, optimizations off)
     assert free.stats["macs_ratio"] < held.stats["macs_ratio"] < 1.0  # and it still removes channels
 
@@ -94,6 +99,9 @@ def test_prune_floor_unreachable_returns_input():
     res = _run("prune", m, _ctx(m), target_macs=0.3, criterion="l1", allocation="uniform", recovery="none",
                round_to=1, min_cosine=1.0, floor_samples=4, floor_steps=2)
     assert not res.modified and res.model is m and res.stats["floor"]["met"] is False
+    # one prune at the least aggressive bisection point (0.3 -> 0.65 -> 0.825) decides it: no full bisection
+    hist = res.stats["floor"]["history"]
+    assert [h["target"] for h in hist] == [0.3, 0.825] and "no point holds it" in hist[-1]["note"]
 
 
 def test_quant_cosine_floor_bisects_promotions(tmp_path):

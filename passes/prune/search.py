@@ -193,17 +193,39 @@ def _allocate(model, prunable, groups, groups_by_id, scores, budget: alloc.Budge
 def _floor_search(prune_once, model, groups, ctx, opts, budget, scores, notes, acts, probe, cache, floor, first):
     """(result, floor stats): the budget's result, or, if it is below the floor, the most pruned of `floor_steps`
     bisection points between the budget and 1.0 (the unpruned model) that holds it; None when none does.
-    `prune_once` is prune_pass._prune_once."""
+
+    Before bisecting, the least aggressive point the bisection can reach, f_max = t + (1 - t)(1 - 2^-steps), is
+    tried: when even it misses the floor, no bisection point holds it (fidelity falls as more is pruned), and the
+    search stops after one prune instead of `floor_steps`. Otherwise the bisection runs as before (f_max's result is
+    reused if the bisection reaches it), so it returns the same point. `prune_once` is prune_pass._prune_once."""
     meas = floor.measure(first[0])
     hist = [{"target": round(budget.target, 4), "ok": floor.ok(meas), **meas}]
     best, best_meas = (first, meas) if floor.ok(meas) else (None, None)
     lo, hi = budget.target, 1.0
-    for _ in range(opts.floor_steps if best is None else 0):
+    tried: dict[float, tuple] = {}
+
+    def attempt(f):
+        if f not in tried:
+            ctx.progress(f"prune: below the fidelity floor; trying {budget.kind} {f:.3f}")
+            res = prune_once(model, groups, ctx, opts, alloc.Budget(budget.kind, f), scores, notes, acts, probe,
+                             cache)
+            m = floor.measure(res[0])
+            hist.append({"target": round(f, 4), "ok": floor.ok(m), **m})
+            tried[f] = (res, m)
+        return tried[f]
+
+    steps = opts.floor_steps if best is None else 0
+    if steps:
+        f_max = budget.target
+        for _ in range(steps):  # the point an all-failing bisection ends on (the same floats, so its result is reused)
+            f_max = 0.5 * (f_max + 1.0)
+        res, meas = attempt(f_max)
+        if not floor.ok(meas):
+            steps = 0
+            hist[-1]["note"] = "the least aggressive bisection point misses the floor: no point holds it"
+    for _ in range(steps):
         f = 0.5 * (lo + hi)
-        ctx.progress(f"prune: below the fidelity floor; trying {budget.kind} {f:.3f}")
-        res = prune_once(model, groups, ctx, opts, alloc.Budget(budget.kind, f), scores, notes, acts, probe, cache)
-        meas = floor.measure(res[0])
-        hist.append({"target": round(f, 4), "ok": floor.ok(meas), **meas})
+        res, meas = attempt(f)
         if floor.ok(meas):
             best, best_meas, hi = res, meas, f
         else:
