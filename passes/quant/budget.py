@@ -74,7 +74,7 @@ def _storage_budget(run: QuantRun) -> Budget:
 
 def _latency_budget(run: QuantRun) -> Budget:
     probe, opts = run.ctx.target_probe, run.opts
-    if probe is not None and hasattr(probe, "layer_latency_table"):
+    if probe is not None:
         cost, fixed, fp32_ms = _table_costs(run, probe)
     else:
         cost, fixed, fp32_ms = _proxy_costs(run)
@@ -97,8 +97,7 @@ def _table_costs(run: QuantRun, probe) -> tuple[dict, float, float]:
     # int8-capable layer int8 (T8). T(b) = T8 + k * sum_{l not int8} (t32_l - t8_l), with
     # k = (T32 - T8) / sum_l (t32_l - t8_l), so both ends are exact and per-call overhead cancels.
     all8, _ = run.build({L.name: 8 for L in layers if 8 in cands[L.name]})
-    t32_all, t8_all = probe.compare_latency_ms([m, all8]) if hasattr(probe, "compare_latency_ms") else \
-        (probe.model_latency_ms(m), probe.model_latency_ms(all8))
+    t32_all, t8_all = probe.compare_latency_ms([m, all8])
     saving = {L.name: (table[L.name][32] - table[L.name][8]) if 8 in cands[L.name] else 0.0 for L in layers}
     tot = sum(saving.values())
     if tot <= 0 or t32_all <= t8_all:
@@ -173,11 +172,8 @@ def meet_latency(run: QuantRun, B: Budget, sens: dict, solution: allocate.Soluti
     history, best = [], None
     for _ in range(max(run.opts.latency_iterations, 1)):
         qm, _ = run.build(bits)
-        if hasattr(probe, "compare_latency_ms"):
-            t_fp, t_q = probe.compare_latency_ms([run.m, qm])
-            meas = t_q * B.fp32_ms / t_fp  # normalised to the FP32 time the budget was set against
-        else:
-            meas = float(probe.model_latency_ms(qm))
+        t_fp, t_q = probe.compare_latency_ms([run.m, qm])
+        meas = t_q * B.fp32_ms / t_fp  # normalised to the FP32 time the budget was set against
         history.append({"budget_ms": budget, "measured_ms": meas, "fp32_layers": sum(1 for b in bits.values() if b == 32),
                         "objective": solution.objective})
         if meas <= target * 1.02:
@@ -194,7 +190,7 @@ def meet_latency(run: QuantRun, B: Budget, sens: dict, solution: allocate.Soluti
         solution, bits = best, dict(best.bits)
     stats["latency_iterations"] = history
     stats["latency_met"] = best is not None
-    if clamped and hasattr(probe, "compare_latency_ms"):
+    if clamped:
         solution = _fastest_check(run, B, sens, solution, bits, budget)
     return solution
 

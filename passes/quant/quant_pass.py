@@ -180,7 +180,7 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
         cost = B.cost
         solution, lo, clamped = solve_budget(run, B, sens)
         probe = ctx.target_probe
-        if B.kind == "latency" and probe is not None and hasattr(probe, "model_latency_ms"):
+        if B.kind == "latency" and probe is not None:
             solution = meet_latency(run, B, sens, solution, lo, clamped)
         bits = dict(solution.bits)
     qm, info = run.build(bits)
@@ -313,7 +313,7 @@ def _kernel_check(run: QuantRun, bits: dict[str, int], qm: onnx.ModelProto,
     the graph, so no QuantizeLinear follows it) stays fp32 rather than being reported int8 while it runs
     DequantizeLinear -> fp32; the effective precision of every int8 layer goes into the stats."""
     probe = run.ctx.target_probe
-    if run.opts.kernel_check and probe is not None and hasattr(probe, "effective_precision"):
+    if run.opts.kernel_check and probe is not None:
         eff = probe.effective_precision(qm)
         demote = sorted(l for l, b in bits.items() if b == 8 and eff.get(l, {}).get("effective") != "int8")
         if demote:
@@ -321,7 +321,7 @@ def _kernel_check(run: QuantRun, bits: dict[str, int], qm: onnx.ModelProto,
                 bits[l] = 32
             qm, info = run.build(bits)
             run.stats["kept_fp32_no_int8_kernel"] = demote
-    if run.opts.kernel_check and probe is not None and hasattr(probe, "check_kernels"):
+    if run.opts.kernel_check and probe is not None:
         eff = probe.check_kernels(qm, {l: b for l, b in bits.items() if b == 8})
         run.stats["effective_precision"] = {l: e["effective"] + f" ({e['kernel']})" for l, e in eff.items()}
     return bits, qm, info
