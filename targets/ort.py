@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -19,7 +20,27 @@ from edgec.targets.base import BuildContext, Target
 log = logging.getLogger(__name__)
 
 NAME = "ort"
-DIALECT = ORT_CPU
+
+
+def cpu_needs_reduce_range(flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """True on an x86 CPU without VNNI (AVX-512 VNNI, AVX-VNNI or AMX): there ORT's u8 x s8 kernels add pairs of
+    products in int16 and saturate unless weights use 7 bits (QuantDialect.weight_reduce_range). ARM and VNNI
+    CPUs accumulate in int32 and keep the full 8-bit range."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        except OSError:
+            return False  # unknown CPU: keep the full range (the fidelity gate still measures what ORT runs)
+    return not (flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+DIALECT = replace(ORT_CPU, weight_reduce_range=True) if cpu_needs_reduce_range() else ORT_CPU
 
 
 def session_settings(threads: int, opt_level: str) -> dict:

@@ -308,3 +308,40 @@ def test_bad_bits_rejected():
         insert_qdq(m, {"nope": 8}, {}, ORT_CPU)
     with pytest.raises(ValueError, match="calibration range"):
         insert_qdq(m, {L.name: 8}, {}, ORT_CPU)
+
+
+def _weight_codes(qm) -> list[np.ndarray]:
+    inits = {t.name: t for t in qm.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[0]]) for n in qm.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == TensorProto.INT8
+            and len(inits[n.input[0]].dims) >= 2]
+
+
+@pytest.mark.parametrize("make", [pm.chain, pm.depthwise, pm.residual])
+def test_reduce_range_weights_keep_int8_kernels_exact(make):
+    """x86 without VNNI: 8-bit weights on 7 bits, so ORT's u8 x s8 pair sums cannot saturate int16 and its int8
+    kernels compute the Q/DQ math (on every CPU: the bound holds whatever instructions run)."""
+    from dataclasses import replace
+
+    m = make()
+    bits = {L.name: 8 for L in find_layers(m)}
+    full, _ = _quantize(m, bits)
+    reduced, _ = _quantize(m, bits, dialect=replace(ORT_CPU, weight_reduce_range=True))
+    assert max(int(np.abs(q).max()) for q in _weight_codes(full)) == 127
+    codes = _weight_codes(reduced)
+    assert codes and max(int(np.abs(q).max()) for q in codes) == 63  # every channel scaled to max|w| / 63
+    f = _feeds(m, 3, seed=2)
+    assert max(_rel(a, b) for a, b in zip(_run(reduced, f, True), _run(reduced, f, False))) <= 1e-3
+    assert all(e["effective"] == "int8" for e in effective_precision(reduced).values())
+
+
+@pytest.mark.parametrize("flags, machine, expected", [
+    ({"avx2", "fma"}, "x86_64", True),                 # AVX2 only (e.g. Zen 2/3): pairs saturate
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", False),
+    ({"avx2", "avx_vnni"}, "x86_64", False),
+    ({"asimd", "asimddp"}, "aarch64", False),          # ARM accumulates in int32
+])
+def test_ort_target_picks_the_weight_range_from_the_cpu(flags, machine, expected):
+    from edgec.targets.ort import cpu_needs_reduce_range
+
+    assert cpu_needs_reduce_range(flags, machine) is expected

@@ -33,6 +33,12 @@ class QuantDialect:
     # as an integer kernel (QLinearConv -> DequantizeLinear) instead of staying fp32; costs one 8-bit rounding
     # of that output. Set per run by the quant pass option `quantize_outputs`. Rank-2 ([N, C]) outputs are exempt.
     quantize_graph_outputs: bool = False
+    # 8-bit weights on 7 bits ([-63, 63], scale max|w| / 63): x86 CPUs without VNNI multiply u8 activations by s8
+    # weights with vpmaddubsw, which adds pairs of products in int16 and saturates (255 * 127 * 2 > 32767); ORT's
+    # int8 kernels then drift from the Q/DQ math (measured: a segmentation output's cosine 0.97 vs 0.9995 for the
+    # same Q/DQ model unoptimized). With 7-bit weights a pair fits (255 * 63 * 2 < 32767). The ORT target sets it
+    # from the CPU it builds for (targets/ort.py).
+    weight_reduce_range: bool = False
 
     def __post_init__(self):
         if self.activation_dtype not in ("uint8", "int8"):

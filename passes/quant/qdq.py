@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgec.calib.ranges import QParams, expand_scales, qparams, quantize_weight
+from edgec.calib.ranges import QParams, expand_scales, qmax, qparams, quantize_weight
 from edgec.core.graph import Graph, node_name, opset, subgraphs
 from edgec.passes.quant.dialect import ORT_CPU, QuantDialect
 # the placement policy; Layer, find_layers, output_point and plan_activations stay importable from here
@@ -127,6 +127,7 @@ class _QWeight:
     q_name: str
     s_name: str
     index: int  # position of the quantized weight in _Emit.inits; its scale sits at index + 2 for 8 bits
+    qmax: int = 127  # largest code: 127, or 63 under the dialect's weight_reduce_range
 
 
 def _model_names(model: onnx.ModelProto) -> set[str]:
@@ -330,7 +331,8 @@ def _emit_int_weight(em: _Emit, L: Layer, ni: int, w: np.ndarray, b: int, dialec
     axis = L.channel_axis
     if b < 8 and L.op in ("Gemm", "MatMul") and L.w_shape[L.reduce_axis] > dialect.int4_block_size:
         block, axis = dialect.int4_block_size, L.reduce_axis
-    q, s = quantize_weight(w, b, axis=axis, block=block, method=weight_method)
+    qbits = 7 if b == 8 and dialect.weight_reduce_range else b  # 8-bit storage, 7-bit range (see the dialect)
+    q, s = quantize_weight(w, qbits, axis=axis, block=block, method=weight_method)
     wq_name, ws_name = em.uniq(f"{L.weight}_quantized"), em.uniq(f"{L.weight}_scale")
     dq_out = em.uniq(f"{L.weight}_DequantizeLinear")
     qi = len(em.inits)  # index of the quantized weight; its scale is appended last
@@ -349,7 +351,7 @@ def _emit_int_weight(em: _Emit, L: Layer, ni: int, w: np.ndarray, b: int, dialec
     em.after[""].append(helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=em.uniq(f"{L.name}_w_DQ"), **kw))
     em.rename[(ni, 1)] = dq_out
     wq = (q.astype(np.float32) * expand_scales(s, w.shape, axis=axis, block=block)).astype(np.float32)
-    return _QWeight(q, s, wq, block, axis, wq_name, ws_name, qi)
+    return _QWeight(q, s, wq, block, axis, wq_name, ws_name, qi, qmax(qbits))
 
 
 def _fit_bias(gi: Graph, em: _Emit, L: Layer, w: np.ndarray, b: int, qw: _QWeight, entry: dict,
@@ -378,7 +380,7 @@ def _fit_bias(gi: Graph, em: _Emit, L: Layer, w: np.ndarray, b: int, qw: _QWeigh
             break
         qw.s = np.where(bad, need, qw.s).astype(np.float32)
         full = expand_scales(qw.s, w.shape, axis=qw.axis, block=None)
-        qw.q = np.clip(np.round(w / full), -127, 127).astype(np.int8)
+        qw.q = np.clip(np.round(w / full), -qw.qmax, qw.qmax).astype(np.int8)
         qw.wq = (qw.q.astype(np.float32) * full).astype(np.float32)
         em.inits[qw.index] = numpy_helper.from_array(qw.q, qw.q_name)
         em.inits[qw.index + 2] = numpy_helper.from_array(qw.s, qw.s_name)

@@ -157,6 +157,8 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     if opts.quantize_outputs:
         dialect = dataclasses.replace(dialect, quantize_graph_outputs=True)
     stats: dict = {"dialect": dialect.name}
+    if dialect.weight_reduce_range:
+        stats["weight_range"] = "7-bit int8 weights: an x86 CPU without VNNI saturates u8 x s8 pairs (QuantDialect)"
     m = model
     if opts.fold_pads:
         m, folded = fold_pads(model)
