@@ -10,7 +10,10 @@ The Pareto curve sweeps B between the cheapest and the dearest assignment and ke
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +46,24 @@ def min_cost(cost: dict[str, dict[int, float]], sens: dict[str, dict[int, float]
     return float(sum(min(cost[l][b] for b in sens[l]) for l in sens))
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """fd 1 -> /dev/null while native code runs: stdout carries only the CLI's summary table (-q)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real fd 1 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve(sens: dict[str, dict[int, float]], cost: dict[str, dict[int, float]], budget: float, *,
           fixed_cost: float = 0.0, what: str = "cost") -> Solution:
     """Exact minimum of total sensitivity with sum cost + fixed_cost <= budget."""
@@ -64,8 +85,9 @@ def solve(sens: dict[str, dict[int, float]], cost: dict[str, dict[int, float]], 
             LinearConstraint((c / scale)[None, :], -np.inf, (budget - fixed_cost) / scale + 1e-9)]
     # tiny cost tie-break so that equal-sensitivity choices prefer the cheaper one
     obj = s + 1e-12 * c / scale
-    res = milp(obj, constraints=cons, integrality=np.ones(len(var)), bounds=Bounds(0, 1),
-               options={"mip_rel_gap": 0.0, "presolve": True, "time_limit": 60.0})
+    with _native_stdout_silenced():  # HiGHS writes solver debug lines to fd 1, past Python's sys.stdout
+        res = milp(obj, constraints=cons, integrality=np.ones(len(var)), bounds=Bounds(0, 1),
+                   options={"mip_rel_gap": 0.0, "presolve": True, "time_limit": 60.0})
     if res.x is None:
         raise EdgecError(f"bit allocation found no solution for {what} budget {budget:.6g} ({res.message})")
     x = np.round(res.x).astype(int)
