@@ -80,10 +80,20 @@ def test_mean_std_mismatch_with_model_metadata_warns(tmp_path, capsys):
     assert r["preprocess"]["std"] == [0.5, 0.5, 0.5]  # the rest of the metadata is read back
 
 
-@pytest.fixture(scope="module")
+_DIGITS: dict = {}  # the compile runs once for both tests (a function-scoped fixture, so that conftest's logging
+                   # restore wraps the in-process CLI run; a module-scoped one would run before it and leak its handler)
+
+
+@pytest.fixture
 def digits_report(tmp_path_factory):
     """A digits CNN trained here (seeded: initial weights and training), given as ONNX with labeled --data, compiled
     with `default`: the report."""
+    if "report" not in _DIGITS:
+        _DIGITS["report"] = _compile_digits(tmp_path_factory)
+    return _DIGITS["report"]
+
+
+def _compile_digits(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from edgec.testing.digits import make_digits_data, train, vgg_net
 
