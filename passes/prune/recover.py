@@ -32,14 +32,6 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- model helpers
-def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return Graph(model)[name]
-
-
-def _node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
-    return Graph(model).node(name)
-
-
 def _put(g: Graph, name: str, value: np.ndarray) -> None:
     """Overwrite initializer `name` (keeping its dtype), or add it."""
     if name in g.inits:
@@ -168,6 +160,8 @@ class Layer:
     output: str
     weight: str
     bias: str | None
+    attrs: dict  # the node's attributes, read once (rows() runs per sample and must not rescan the model)
+    wshape: tuple[int, ...]
 
     @classmethod
     def from_node(cls, model: onnx.ModelProto, node: onnx.NodeProto) -> tuple["Layer | None", str]:
@@ -193,17 +187,16 @@ class Layer:
             return None, "Gemm with transA/alpha/beta"
         if node.op_type == "MatMul" and len(inits[node.input[1]].dims) != 2:
             return None, "MatMul weight is not 2-D"
-        return cls(node.name, node.op_type, node.input[0], node.output[0], node.input[1], bias), ""
+        return cls(node.name, node.op_type, node.input[0], node.output[0], node.input[1], bias, a,
+                   tuple(inits[node.input[1]].dims)), ""
 
     # rows of X (features) and T (targets) for one sample
     def rows(self, model: onnx.ModelProto, x: np.ndarray, t: np.ndarray, rng: np.random.Generator,
              max_positions: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per weight group g: (X_g (P, d_g), T_g (P, o_g))."""
-        node = _node_by_name(model, self.node)
         if self.op == "Conv":
-            a = attrs(node)
-            W = _get(model, self.weight)
-            o, cg, kh, kw = W.shape
+            a = self.attrs
+            o, cg, kh, kw = self.wshape
             groups = int(a.get("group", 1))
             strides = tuple(a.get("strides", (1, 1)))
             pads = tuple(a.get("pads", (0, 0, 0, 0)))
@@ -230,19 +223,18 @@ class Layer:
 
     def weight_matrices(self, model: onnx.ModelProto) -> list[np.ndarray]:
         """Per group: W_g as (o_g, d_g) matching `rows`."""
-        W = _get(model, self.weight).astype(np.float64)
-        node = _node_by_name(model, self.node)
+        W = Graph(model)[self.weight].astype(np.float64)
         if self.op == "Conv":
-            groups = int(attrs(node).get("group", 1))
+            groups = int(self.attrs.get("group", 1))
             o = W.shape[0]
             og = o // groups
             return [W[g * og:(g + 1) * og].reshape(og, -1) for g in range(groups)]
-        if self.op == "Gemm" and attrs(node).get("transB", 0):
+        if self.op == "Gemm" and self.attrs.get("transB", 0):
             return [W]
         return [W.T]
 
     def bias_vector(self, model: onnx.ModelProto, o: int) -> np.ndarray | None:
-        return _get(model, self.bias).astype(np.float64).reshape(-1) if self.bias else None
+        return Graph(model)[self.bias].astype(np.float64).reshape(-1) if self.bias else None
 
     def can_add_bias(self) -> bool:
         return self.op in ("Conv", "Gemm")
@@ -253,7 +245,7 @@ class Layer:
         W0 = g[self.weight]
         if self.op == "Conv":
             W = np.concatenate(Ws, 0).reshape(W0.shape)
-        elif self.op == "Gemm" and attrs(node).get("transB", 0):
+        elif self.op == "Gemm" and self.attrs.get("transB", 0):
             W = Ws[0]
         else:
             W = Ws[0].T
@@ -302,7 +294,7 @@ CV_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 def _refit_target(model, name, ref_tensors, max_dim, residual_target):
     """(layer, weight matrices, residual partner, "") for a refittable node, else (None, None, None, why)."""
-    layer, why = Layer.from_node(model, _node_by_name(model, name))
+    layer, why = Layer.from_node(model, Graph(model).node(name))
     if layer is None:
         return None, None, None, why
     if layer.output not in ref_tensors:
