@@ -5,7 +5,8 @@ For each output tensor (candidate a vs reference r, over samples):
   rel_l2      = |a - r| / |r|
   max_abs     = max |a - r|
 For classifier-like outputs (2-D, >= 2 classes) also top-1 / top-5 agreement with the reference argmax,
-and accuracy when labels exist. A sample whose output shape differs from the reference (a data-dependent detection
+and accuracy when labels exist (with the paired counts: broken = samples the reference got right and the candidate
+wrong, fixed = the other way round). cosine_sem is the standard error of the mean cosine. A sample whose output shape differs from the reference (a data-dependent detection
 count) is counted in shape_mismatches and not compared. Results are JSON-serializable.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ class OutputAccumulator:
     name: str
     n: int = 0
     cos_sum: float = 0.0
+    cos_sq: float = 0.0
     err_sq: float = 0.0
     ref_sq: float = 0.0
     max_abs: float = 0.0
@@ -32,6 +34,8 @@ class OutputAccumulator:
     top5: int = 0
     correct: int = 0
     ref_correct: int = 0
+    broken: int = 0  # labelled samples the reference got right and the candidate wrong
+    fixed: int = 0   # ... and the other way round
     labelled: int = 0
     classifier: bool = False
     shape_mismatches: int = 0
@@ -46,7 +50,9 @@ class OutputAccumulator:
             ai, ri = (a[i], r[i]) if a.ndim else (a, r)
             d = ai - ri
             na, nr = np.linalg.norm(ai), np.linalg.norm(ri)
-            self.cos_sum += float(ai.ravel() @ ri.ravel() / (na * nr)) if na > 0 and nr > 0 else float(na == nr)
+            c = float(ai.ravel() @ ri.ravel() / (na * nr)) if na > 0 and nr > 0 else float(na == nr)
+            self.cos_sum += c
+            self.cos_sq += c * c
             self.err_sq += float((d * d).sum())
             self.ref_sq += float((ri * ri).sum())
             self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
@@ -61,13 +67,17 @@ class OutputAccumulator:
             self.top5 += int((top5 == ref_top[:, None]).any(1).sum())
             if label is not None:
                 self.labelled += a.shape[0]
-                self.correct += int((a.argmax(1) == label).sum())
-                self.ref_correct += int((ref_top == label).sum())
+                ok, rok = a.argmax(1) == label, ref_top == label
+                self.correct += int(ok.sum())
+                self.ref_correct += int(rok.sum())
+                self.broken += int((rok & ~ok).sum())
+                self.fixed += int((ok & ~rok).sum())
 
     def result(self) -> dict:
         out = {
             "samples": self.n,
             "cosine": self.cos_sum / max(self.n, 1),
+            "cosine_sem": self.cosine_sem(),
             "rel_l2": float(np.sqrt(self.err_sq / self.ref_sq)) if self.ref_sq > 0 else float(self.err_sq > 0),
             "max_abs": self.max_abs,
             "max_rel": self.max_abs / self.max_ref if self.max_ref > 0 else float(self.max_abs > 0),
@@ -80,7 +90,16 @@ class OutputAccumulator:
         if self.labelled:
             out["accuracy"] = self.correct / self.labelled
             out["reference_accuracy"] = self.ref_correct / self.labelled
+            out["broken"], out["fixed"] = self.broken, self.fixed
         return out
+
+    def cosine_sem(self) -> float:
+        """Standard error of the mean per-sample cosine (0 for fewer than 2 samples)."""
+        if self.n < 2:
+            return 0.0
+        mean = self.cos_sum / self.n
+        var = max(self.cos_sq / self.n - mean * mean, 0.0) * self.n / (self.n - 1)
+        return float(np.sqrt(var / self.n))
 
 
 @dataclass

@@ -6,6 +6,15 @@ no pass fitted to: PassContext.validate_batches) and against the reference (orig
   cosine(output)  >= min_cosine for each output in scope, cosine averaged over samples as in core.fidelity
                      (min_cosine is one number for every output, or {output: number})
 
+Sampling margin: a validate split is a sample, and a search that keeps the most aggressive candidate passing on it
+picks candidates whose validate figure is luckier than their held-out one (the winner's curse). With
+`standard_errors` z > 0 each clause holds on the estimate moved z standard errors toward failing:
+  agreement a over n samples:   a - z sqrt(a (1 - a) / n)
+  accuracy drop, paired:        100 ((b - f) + z sqrt(b + f)) / n    (b broken, f fixed predictions: McNemar's counts)
+  cosine c:                     mean(c) - z sem(c)
+A candidate that changes nothing passes at any z; one that changes k of n predictions needs a little more room
+than k / n. z = 0 is the plain estimate.
+
 The thresholds come from the recipe's `fidelity:` policy (PassContext.fidelity) when there is one: every lossy pass
 obeys the same policy and no pass carries its own copy. A pass's own floor options apply only without a policy
 (library use); without a validate split (library use) the floor is measured on the fit samples and says so.
@@ -48,6 +57,7 @@ class FloorSpec:
     samples: int = 64
     region_gate: str = "auto"  # auto | inputs | outputs: where a decode region's cosine floor holds (see above)
     reserve: float = 0.0  # under a policy: the fraction of its allowed loss this pass leaves to later passes
+    standard_errors: float = 0.0  # sampling margin z (module docstring)
 
     def __post_init__(self):
         for nm in ("min_top1_agreement", "min_cosine"):
@@ -66,6 +76,8 @@ class FloorSpec:
             raise ValueError(f"region_gate must be one of {', '.join(REGION_GATES)}, got {self.region_gate!r}")
         if not (isinstance(self.reserve, (int, float)) and 0.0 <= self.reserve < 1.0):
             raise ValueError(f"reserve must be a fraction in [0, 1), got {self.reserve!r}")
+        if not (isinstance(self.standard_errors, (int, float)) and 0.0 <= float(self.standard_errors) <= 5.0):
+            raise ValueError(f"standard_errors must be a number in [0, 5], got {self.standard_errors!r}")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"floor samples must be a positive integer, got {self.samples!r}")
 
@@ -81,8 +93,11 @@ class FloorSpec:
         return c
 
     def thresholds(self) -> dict:
-        return {k: v for k, v in (("min_top1_agreement", self.min_top1_agreement), ("max_accuracy_drop",
-                self.max_accuracy_drop), ("min_cosine", self.min_cosine)) if v is not None}
+        d = {k: v for k, v in (("min_top1_agreement", self.min_top1_agreement), ("max_accuracy_drop",
+             self.max_accuracy_drop), ("min_cosine", self.min_cosine)) if v is not None}
+        if self.standard_errors:
+            d["standard_errors"] = self.standard_errors
+        return d
 
 
 def policy_spec(ctx, spec: FloorSpec) -> FloorSpec:
@@ -104,7 +119,7 @@ def policy_spec(ctx, spec: FloorSpec) -> FloorSpec:
 
     drop = None if pol.max_accuracy_drop is None else float(pol.max_accuracy_drop) * (1.0 - r)
     return FloorSpec(tight(pol.min_top1_agreement), drop, tight(pol.min_cosine), pol.cosine_scope, pol.samples,
-                     spec.region_gate, 0.0)
+                     spec.region_gate, 0.0, pol.standard_errors)
 
 
 def _classifier_shaped(a: np.ndarray) -> bool:
@@ -191,26 +206,40 @@ class OutputFloor:
             lab = None if self.labels is None else np.asarray([self.labels[i]])
             comp.update(out, r, lab)
         per = comp.result()["per_output"]
+        z = float(self.spec.standard_errors)
         out: dict = {"samples": len(self.feeds)}
         if self.cls_index is not None:
             c = per[self.out_names[self.cls_index]]
-            out["top1_agreement"] = c["top1_agreement"]
+            a, n = c["top1_agreement"], max(c["samples"], 1)
+            out["top1_agreement"] = a
+            if z:
+                out["top1_agreement_bound"] = round(a - z * float(np.sqrt(a * (1 - a) / n)), 6)
             if "accuracy" in c:
                 out.update(accuracy=100 * c["accuracy"], reference_accuracy=100 * c["reference_accuracy"],
                            accuracy_drop=100 * (c["reference_accuracy"] - c["accuracy"]))
+                if z:
+                    b, f = c["broken"], c["fixed"]
+                    out["accuracy_drop_bound"] = round(100 * ((b - f) + z * float(np.sqrt(b + f))) / n, 6)
         if self.cosine_outputs:
             out["cosine"] = {n: round(per[n]["cosine"], 6) for n in self.cosine_outputs}
+            if z:
+                out["cosine_bound"] = {n: round(per[n]["cosine"] - z * per[n]["cosine_sem"], 6)
+                                       for n in self.cosine_outputs}
         if self.taps and not self.gate_taps:
             out["decode_inputs_cosine"] = {n: round(per[n]["cosine"], 6) for n in self.tap_names}
         return out
 
     def ok(self, m: dict) -> bool:
+        """Whether measure()'s record holds the floor (on the margin-adjusted figures when standard_errors > 0)."""
         sp = self.spec
-        if sp.min_top1_agreement is not None and "top1_agreement" in m and m["top1_agreement"] < sp.min_top1_agreement:
+        agree = m.get("top1_agreement_bound", m.get("top1_agreement"))
+        if sp.min_top1_agreement is not None and agree is not None and agree < sp.min_top1_agreement:
             return False
-        if sp.max_accuracy_drop is not None and m.get("accuracy_drop", 0.0) > sp.max_accuracy_drop:
+        drop = m.get("accuracy_drop_bound", m.get("accuracy_drop", 0.0))
+        if sp.max_accuracy_drop is not None and drop > sp.max_accuracy_drop:
             return False
-        if sp.min_cosine is not None and any(c < sp.cosine_floor(n) for n, c in m.get("cosine", {}).items()):
+        cos = m.get("cosine_bound", m.get("cosine", {}))
+        if sp.min_cosine is not None and any(c < sp.cosine_floor(n) for n, c in cos.items()):
             return False
         return True
 

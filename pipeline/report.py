@@ -144,9 +144,11 @@ def _floors_section(r: dict) -> list[str]:
               "| pass | floor | measured on | measured | met | note |", "|---|---|---|---|---|---|"]
         for name, fl in floors:
             spec = ", ".join(f"{k} {v}" for k, v in fl.items()
-                             if k in ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope") and v is not None)
+                             if k in ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope",
+                                      "standard_errors") and v is not None)
             meas = fl.get("measured") or (fl.get("history") or [{}])[-1]
             got = ", ".join([f"top-1 {meas['top1_agreement']:.3f}"] if "top1_agreement" in meas else []) + \
+                (f" (bound {meas['top1_agreement_bound']:.3f})" if "top1_agreement_bound" in meas else "") + \
                 "".join(f"; cos({o}) {c:.4f}" for o, c in (meas.get("cosine") or {}).items()) + \
                 "".join(f"; decode input cos({o}) {c:.4f} (reported)" for o, c in
                         (meas.get("decode_inputs_cosine") or {}).items())

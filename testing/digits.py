@@ -32,9 +32,14 @@ def _cbr(i, o, stride=1):
     return [nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
 
-def vgg_net(width: int = 32):
-    """conv-bn-relu x2 / pool / x2 / pool / x2 / GAP / fc: widths w, 2w, 4w."""
+def vgg_net(width: int = 32, seed: int | None = 0):
+    """conv-bn-relu x2 / pool / x2 / pool / x2 / GAP / fc: widths w, 2w, 4w. Initial weights from torch's
+    generator seeded with `seed` (None: its current state)."""
+    import torch
     import torch.nn as nn
+
+    if seed is not None:
+        torch.manual_seed(seed)
 
     w = width
     return nn.Sequential(*_cbr(1, w), *_cbr(w, w), nn.MaxPool2d(2),
@@ -43,9 +48,14 @@ def vgg_net(width: int = 32):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 10))
 
 
-def resnet_net(width: int = 32):
-    """Stem + three stages of one basic residual block each (projection shortcut when shapes change)."""
+def resnet_net(width: int = 32, seed: int | None = 0):
+    """Stem + three stages of one basic residual block each (projection shortcut when shapes change). Initial
+    weights as in vgg_net."""
+    import torch
     import torch.nn as nn
+
+    if seed is not None:
+        torch.manual_seed(seed)
 
     class Block(nn.Module):
         def __init__(self, i, o, stride):

@@ -198,3 +198,65 @@ def test_prune_fidelity_probe_reads_the_head_behind_topk():
             sa.run(["head"], f)[0].ravel().astype(np.float64), sr.run(["head"], f)[0].ravel().astype(np.float64))
         for f in feeds])
     assert abs(probe(cand) - direct) < 1e-5 and direct < 0.999
+
+
+def _noisy(m: onnx.ModelProto, scale: float, seed: int = 0) -> onnx.ModelProto:
+    """A copy of `m` with Gaussian noise (relative `scale`) on every float initializer of rank >= 2."""
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    r = np.random.default_rng(seed)
+    for t in out.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32 and a.ndim >= 2:
+            t.CopyFrom(numpy_helper.from_array((a + scale * a.std() * r.standard_normal(a.shape)).astype(np.float32),
+                                               t.name))
+    return out
+
+
+@pytest.mark.parametrize("z", [0.0, 1.0, 2.0])
+def test_standard_error_margin_on_agreement_accuracy_and_cosine(z):
+    """The gate compares a - z sqrt(a(1-a)/n), the paired drop 100((b-f) + z sqrt(b+f))/n and mean cosine - z sem
+    with the thresholds: recomputed here from ORT outputs (optimizations off) of the reference and a noisy copy."""
+    m = pm.chain()
+    n = 48
+    feeds = _feeds(n, seed=5)
+    ref_s = ort_session(m, optimize=False)
+    ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
+    labels = ref.argmax(1).copy()
+    labels[::3] = (labels[::3] + 1) % ref.shape[1]  # the reference is right on 2/3 of the samples
+    cand = next(c for c in (_noisy(m, s) for s in (0.05, 0.1, 0.2, 0.4, 0.8))
+                if 0.6 < (np.concatenate([ort_session(c, optimize=False).run(None, f)[0] for f in feeds]).argmax(1)
+                          == ref.argmax(1)).mean() < 1.0)
+    out = np.concatenate([ort_session(cand, optimize=False).run(None, f)[0] for f in feeds])
+    a = float((out.argmax(1) == ref.argmax(1)).mean())
+    ok, rok = out.argmax(1) == labels, ref.argmax(1) == labels
+    b, f = int((rok & ~ok).sum()), int((ok & ~rok).sum())
+    cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+    assert 0 < a < 1 and b + f > 0  # the thresholds below then lie strictly between estimate and bound
+
+    ctx = PassContext(calib_batches=lambda: iter(feeds), validate_batches=lambda: iter(feeds), validate_labels=labels,
+                      reference_model=m)
+    spec = FloorSpec(min_top1_agreement=0.5, max_accuracy_drop=100.0, min_cosine=-1.0, cosine_scope="all",
+                     samples=n, standard_errors=z)
+    fl = OutputFloor(ctx, spec, m)
+    meas = fl.measure(cand)
+    assert meas["top1_agreement"] == pytest.approx(a, abs=1e-12)
+    bound_a = a - z * np.sqrt(a * (1 - a) / n)
+    bound_d = 100 * ((b - f) + z * np.sqrt(b + f)) / n
+    bound_c = cos.mean() - z * cos.std(ddof=1) / np.sqrt(n)
+    if z:
+        assert meas["top1_agreement_bound"] == pytest.approx(bound_a, abs=1e-6)
+        assert meas["accuracy_drop_bound"] == pytest.approx(bound_d, abs=1e-6)
+        assert meas["cosine_bound"]["output"] == pytest.approx(bound_c, abs=1e-5)
+    else:
+        assert "top1_agreement_bound" not in meas and "accuracy_drop_bound" not in meas
+    # a threshold between the bound and the estimate separates z = 0 from z > 0; the unchanged model passes at any z
+    for key, thr in (("min_top1_agreement", a - 0.5 * np.sqrt(a * (1 - a) / n)),
+                     ("max_accuracy_drop", 100 * ((b - f) + 0.5 * np.sqrt(b + f)) / n),
+                     ("min_cosine", cos.mean() - 0.5 * cos.std(ddof=1) / np.sqrt(n))):
+        probe = {"min_top1_agreement": 0.0, "max_accuracy_drop": 100.0, "min_cosine": -1.0, key: float(thr)}
+        fl2 = OutputFloor(ctx, FloorSpec(**probe, cosine_scope="all", samples=n, standard_errors=z), m)
+        assert fl2.ok(fl2.measure(cand)) == (z == 0.0), key
+        assert fl2.ok(fl2.measure(m)), key
