@@ -65,6 +65,32 @@ def test_obs_order_matches_direct_least_squares():
     assert np.all(np.diff(cum[np.isfinite(cum)]) >= -1e-9)
 
 
+@pytest.mark.parametrize("batch", [0.125, 0.25])
+def test_obs_batched_steps_end_at_the_exact_refit_error(batch):
+    """batch > 0: the cumulative error after each joint step equals the error of refitting the survivors directly
+    (the joint update is exact OBS), it never decreases, and the greedy order's first half is kept here."""
+    rng = np.random.default_rng(7)
+    n, o, rows = 24, 5, 600
+    X = rng.standard_normal((rows, n)) * rng.gamma(1.0, 1.0, n)
+    W, b = rng.standard_normal((o, n)), rng.standard_normal(o)
+    Y = X @ W.T + b
+    Xa = np.concatenate([X, np.ones((rows, 1))], 1)
+    prob = [(Xa.T @ Xa, np.concatenate([W, b[:, None]], 1), float((Y ** 2).sum()), np.arange(n)[:, None])]
+    order, cum = C.obs_order(prob, n, ridge=1e-9, batch=batch)
+    assert sorted(order.tolist()) == list(range(n))
+    ends, live = [], n
+    while live > 1:  # the step sizes obs_order takes: max(1, floor(batch * live)), at most live - 1
+        live -= min(max(1, int(batch * live)), live - 1)
+        ends.append(n - live - 1)
+    assert any(e2 - e1 > 1 for e1, e2 in zip([-1] + ends, ends))  # some step removed several channels
+    for e in ends[:-1]:
+        alive = sorted(set(range(n)) - set(order[:e + 1].tolist()))
+        assert cum[e] == pytest.approx(_lstsq_err(X, Y, alive), rel=1e-3, abs=1e-6)
+    assert np.all(np.diff(cum[np.isfinite(cum)]) >= -1e-9)
+    greedy, _ = C.obs_order(prob, n, ridge=1e-9)
+    assert len(set(order[:n // 2]) & set(greedy[:n // 2])) >= n // 2 - 1
+
+
 def test_obs_block_channels_with_taps():
     rng = np.random.default_rng(4)
     n, taps, rows = 4, 3, 300

@@ -60,6 +60,9 @@ class PruneOptions:
     ga_generations: int = 8
     ga_bits: int = 4
     latency_iters: int = 4
+    # recon criterion: fraction of the live channels the greedy OBS removes per joint step (criteria.obs_order;
+    # 0: one channel per step, the plain greedy order)
+    obs_batch: float = 0.03125
     # recovery after removal: recover.py (least squares, fusion), torchkit (fine-tuning)
     recovery: str = "lstsq"
     calib_samples: int = 64
@@ -124,6 +127,8 @@ class PruneOptions:
             raise ValueError("min_keep_ratio must be in [0, 1)")
         if self.ridge < 0:
             raise ValueError("ridge must be >= 0")
+        if not (isinstance(self.obs_batch, (int, float)) and 0.0 <= self.obs_batch <= 0.5):
+            raise ValueError(f"obs_batch must be a fraction in [0, 0.5], got {self.obs_batch!r}")
         r = tuple(float(x) for x in self.sensitivity_ratios)
         if not r or any(not 0.0 < x < 1.0 for x in r):
             raise ValueError("sensitivity_ratios must be fractions in (0, 1)")
@@ -167,7 +172,7 @@ def score_groups(model, groups, criterion: str, ctx: PassContext, opts: PruneOpt
         cons = G.consumer_weights(model, g)
         mats = prod + cons
         ev = crit.GroupEvidence(g.size, prod, cons, acts.get(g.id), problems.get(g.id), taylor.get(g.id),
-                                functools.partial(G.bn_scales, model, g), rng, opts.ridge)
+                                functools.partial(G.bn_scales, model, g), rng, opts.ridge, opts.obs_batch)
         s, note = scorer(ev)
         if note:
             notes[g.id] = note
