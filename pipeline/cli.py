@@ -63,6 +63,9 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
     g.add_argument("--cache-dir", help="where measurements that steer choices are cached (default: .cache/edgec)")
     g.add_argument("--cluster", metavar="SPEC", help="evaluate candidates on Ray: auto | ray://HOST:PORT | HOST:PORT | "
                    "local:N (default: $EDGEC_CLUSTER, else in process; needs edgec[ray]; docs/cluster.md)")
+    g.add_argument("--compile-threads", type=int, metavar="N", help="threads for the compile's own model evaluations "
+                   "(fidelity floors, sensitivity, least squares, the report); results do not depend on it. Default: "
+                   "the cores (at most 4) shared among cluster workers. Latency is still timed at --threads")
     g.add_argument("--probe-device", metavar="RESOURCE", help="measure the target's latency costs on the cluster node "
                    "carrying this Ray resource, e.g. cpu_arm64 (needs --cluster)")
     g = p.add_argument_group("data")
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                               dynamic_batch=args.dynamic_batch, dynamic=args.dynamic, max_memory=args.max_memory,
                               mean=args.mean, std=args.std, layout=args.layout, cache_dir=args.cache_dir,
                               target_opts=_target_opts(args.target_opt), cluster=args.cluster,
-                              probe_device=args.probe_device, command=command_line())
+                              probe_device=args.probe_device, compile_threads=args.compile_threads,
+                              command=command_line())
         report = compile_model(opts)
         print(summary_table(report))
         print(f"  report: {report['out']}/report.md  ({report['out']}/report.json)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shlex
 import sys
 import time
@@ -53,6 +54,7 @@ class CompileOptions:
     validate_samples: int = 64  # validate split: fidelity decisions
     eval_samples: int = 128     # eval split: the report
     threads: tuple[int, ...] = (1, 2)
+    compile_threads: int | None = None  # ORT/BLAS threads for the compile's own evaluations; None: auto (see below)
     seed: int = 0
     bench: bool = True
     memory: bool = True
@@ -74,6 +76,8 @@ class CompileOptions:
     def __post_init__(self):
         if not self.threads or any(t < 1 for t in self.threads):
             raise EdgecError("--threads must list positive integers, e.g. 1,2")
+        if self.compile_threads is not None and self.compile_threads < 1:
+            raise EdgecError("--compile-threads must be a positive integer")
         if self.warmup < 20 or self.runs < 200:
             raise EdgecError("benchmarks need at least 20 warm-up and 200 timed runs")
         if self.calib_samples < 1 or self.eval_samples < 1 or self.validate_samples < 1:
@@ -164,9 +168,10 @@ def _compile_model(opts: CompileOptions) -> dict:
     reference.CopyFrom(model)
     cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
     executor = make_executor(opts.cluster)  # results never depend on it (see core.executor)
+    cthreads = eval_threads(opts.compile_threads, executor.workers)
     tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
     ctx = _pass_context(opts, recipe, splits, reference, torch_module, target.dialect, cache_dir, tprobe, executor,
-                        concrete)
+                        concrete, cthreads)
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     try:
         result = run_recipe(model, recipe, ctx)
@@ -189,7 +194,8 @@ def _compile_model(opts: CompileOptions) -> dict:
         ref_bytes = len(model_bytes(reference))
         build = target.build(final, tmp, bctx)
         _progress("measuring fidelity on the fit, validate and held-out eval splits")
-        by_split = {k: measure_fidelity(tmp / "model.onnx", reference, d, opt_level=opts.opt_level) for k, d in splits.items()}
+        by_split = {k: measure_fidelity(tmp / "model.onnx", reference, d, opt_level=opts.opt_level,
+                                        threads=cthreads) for k, d in splits.items()}
         bench = run_bench(target, tmp, reference, bctx, opts) if opts.bench else {"skipped": "benchmark disabled (--no-bench)"}
         report = {
             "schema_version": rep.SCHEMA_VERSION,
@@ -200,6 +206,7 @@ def _compile_model(opts: CompileOptions) -> dict:
             "target": opts.target,
             "recipe": {**recipe.to_dict(), "yaml": recipe.to_yaml()},
             "seed": opts.seed,
+            "compile_threads": cthreads,
             "data": data_record(splits),
             "preprocess": pre_rec,
             "fidelity_policy": policy,
@@ -239,13 +246,14 @@ def _write_reports(tmp: Path, report: dict, recipe, opts: CompileOptions, src_in
     rep.write_json(tmp / "manifest.json", manifest)
 
 
-def _pass_context(opts, recipe, splits, reference, torch_module, dialect, cache_dir, tprobe, executor, concrete):
+def _pass_context(opts, recipe, splits, reference, torch_module, dialect, cache_dir, tprobe, executor, concrete,
+                  threads: int):
     """Passes fit on the fit split, gate every fidelity decision on the validate split under the recipe's policy,
     and time candidates with the target's probe (latency_probe: prune.target_latency_ms)."""
     fit, val = splits.fit, splits.validate
     return PassContext(calib_batches=lambda: fit.iter_feeds(), calib_labels=fit.labels, reference_model=reference,
                        torch_model=torch_module, quant_dialect=dialect, seed=opts.seed, cache_dir=cache_dir,
-                       threads=opts.threads[0], progress=_progress, target_probe=tprobe,
+                       threads=threads, progress=_progress, target_probe=tprobe,
                        latency_probe=tprobe.model_latency_ms if tprobe is not None else None,
                        input_shapes=dict(concrete) if concrete else None,
                        validate_batches=lambda: val.iter_feeds(), validate_labels=val.labels,
@@ -274,9 +282,21 @@ def _collect_plots(stages, outdir: Path) -> None:
                 st.stats[k] = name
 
 
-def measure_fidelity(model_path: Path, reference: onnx.ModelProto, evals, *, opt_level: str = "all") -> dict:
-    cand = ort_session(str(model_path), threads=2, level=opt_level)
-    ref = ort_session(reference, threads=2, level="all")
+def eval_threads(requested: int | None, workers: int = 1) -> int:
+    """Intra-op threads for the compile's own model evaluations (floors, activations, sensitivity, least squares,
+    the fidelity report): `--compile-threads`, else the machine's cores shared among the executor's workers (at most
+    4, at least 1). Latency probes and the benchmark keep `--threads`: those numbers are about the deployment.
+    ORT's CPU kernels partition work by output, so outputs are bitwise the same at any thread count (checked in
+    tests/test_compile_threads.py); choices do not depend on it."""
+    if requested is not None:
+        return int(requested)
+    return max(1, min(4, (os.cpu_count() or 1) // max(int(workers), 1)))
+
+
+def measure_fidelity(model_path: Path, reference: onnx.ModelProto, evals, *, opt_level: str = "all",
+                     threads: int = 2) -> dict:
+    cand = ort_session(str(model_path), threads=threads, level=opt_level)
+    ref = ort_session(reference, threads=threads, level="all")
     names = [o.name for o in reference.graph.output]
     comp = Comparator(names)
     for i, f in enumerate(evals.iter_feeds()):
