@@ -8,6 +8,10 @@ Loss: cross-entropy on labels when given, else the cross-entropy to the original
 a temperature T < 1 (the KL to the unmodified original is identically 0 with zero gradient, so its first non-vanishing
 surrogate is used).
 
+Distillation recovery (distill_onnx, the prune pass's `recovery: distill`): the pruned ONNX model, converted with
+onnx2torch, is fine-tuned toward the unpruned one on unlabeled fit inputs, L = T^2 KL(softmax(t/T) || softmax(s/T))
+on classifier outputs and |s - t|^2 / |t|^2 on the others, then written back and re-verified like any pass.
+
 KD fine-tuning:  L = CE(y, label) + T^2 KL(softmax(t/T) || softmax(s/T)), student = pruned ONNX via onnx2torch,
 weights written back into the ONNX initializers they came from (matched by value before training).
 
@@ -221,6 +225,99 @@ def finetune_onnx(pruned: onnx.ModelProto, original: onnx.ModelProto, ctx, *, ep
     out = write_back(pruned, student, mapping)
     return out, {"epochs": epochs, "samples": int(len(x)), "labels": y is not None, "batch": batch,
                  "parameters_written": len(mapping)}
+
+
+# ----------------------------------------------------------------------------- distillation recovery (no labels)
+def _kd_loss(s_outs, t_outs, temperature: float):
+    """Sum over outputs: T^2 KL(softmax(t/T) || softmax(s/T)) for classifier-shaped ([N, C], C >= 2) outputs,
+    |s - t|^2 / |t|^2 (mean over the batch) for the others."""
+    import torch.nn.functional as F
+
+    loss = 0.0
+    for s, t in zip(s_outs, t_outs):
+        if s.dim() == 2 and s.shape[1] >= 2:
+            loss = loss + temperature ** 2 * F.kl_div(F.log_softmax(s / temperature, 1),
+                                                      F.softmax(t / temperature, 1), reduction="batchmean")
+        else:
+            loss = loss + ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
+    return loss
+
+
+def distill_onnx(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: list[dict], *, steps: int = 200,
+                 batch: int = 8, lr: float = 1e-4, temperature: float = 2.0, flip: bool = True, seed: int = 0,
+                 threads: int = 1, progress=None) -> tuple[onnx.ModelProto, dict]:
+    """Distillation fine-tuning of `student` (a pruned ONNX model, converted with onnx2torch) toward `teacher` on
+    unlabeled `feeds` (the fit split): `steps` Adam steps (cosine-decayed lr) of `batch` samples drawn with
+    replacement from the feeds (seeded), each image input mirrored left-right with probability 1/2 when `flip`;
+    one forward per batch when the graph allows a batch dimension, else per sample with accumulated gradients.
+    The teacher is converted too and run on the same (mirrored) inputs. Loss: _kd_loss. Weights are written back into the
+    initializers they came from (onnx_to_torch's mapping). CUDA when present, else CPU at `threads` threads.
+    Returns (model, stats)."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    dev = _device()
+    torch.set_num_threads(max(1, int(threads)))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 4242])
+    tm, mapping = onnx_to_torch(student)
+    tm.to(dev).train()
+    inits = {t.name for t in teacher.graph.initializer}
+    names = [i.name for i in teacher.graph.input if i.name not in inits]
+    teach, _ = onnx_to_torch(teacher)
+    teach.to(dev).eval()
+    for p in teach.parameters():
+        p.requires_grad_(False)
+
+    def run(mod, xs):
+        out = mod(*[torch.from_numpy(xs[k]).to(dev) for k in names])
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def draw(n):
+        xs = []
+        for _ in range(n):
+            f = feeds[int(rng.integers(len(feeds)))]
+            mirror = flip and rng.random() < 0.5
+            xs.append({k: (np.ascontiguousarray(np.asarray(v)[..., ::-1]) if mirror and np.asarray(v).ndim == 4
+                           else np.asarray(v)) for k, v in f.items() if k in names})
+        return xs
+
+    batched = True  # one forward over the whole batch when the exported graph allows it, else per sample
+    try:
+        with torch.no_grad():
+            two = {k: np.concatenate([x[k] for x in draw(2)]) for k in names}
+            batched = run(tm, two)[0].shape[0] == 2 and run(teach, two)[0].shape[0] == 2
+    except Exception:  # graphs exported with a fixed batch of 1 (Reshape to 1 x ...)
+        batched = False
+    params = [p for p in tm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        xs = draw(batch)
+        chunks = [{k: np.concatenate([x[k] for x in xs]) for k in names}] if batched else xs
+        total = 0.0
+        for xb in chunks:
+            with torch.no_grad():
+                t_outs = run(teach, xb)
+            loss = _kd_loss(run(tm, xb), t_outs, temperature) / len(chunks)
+            loss.backward()
+            total += float(loss.detach())
+        opt.step()
+        sched.step()
+        losses.append(total)
+        if progress:
+            progress(f"distill step {step + 1}/{steps}: loss {total:.5f}")
+    tm.eval().cpu()
+    out = write_back(student, tm, mapping)
+    k = max(1, steps // 10)
+    return out, {"steps": steps, "batch": batch, "lr": lr, "temperature": temperature, "samples": len(feeds),
+                 "device": str(dev), "batched": batched, "loss_first": round(float(np.mean(losses[:k])), 6) if losses else None,
+                 "loss_last": round(float(np.mean(losses[-k:])), 6) if losses else None,
+                 "parameters_written": len(mapping), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # ----------------------------------------------------------------------------- ADMM L0 sparse training

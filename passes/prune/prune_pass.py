@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from edgec.core.graph import Graph, attr
 
 log = logging.getLogger(__name__)
 
-RECOVERIES = ("none", "fusion", "lstsq", "fusion+lstsq")
+RECOVERIES = ("none", "fusion", "lstsq", "fusion+lstsq", "distill")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class PruneOptions:
     refit_scope: str = "consumers"
     lstsq_walk: bool = True  # least squares reads activations from a segment walk (walk.py); False: prefix runs
 
+    # recovery "distill": least squares, then distillation toward the unpruned model on the fit inputs
+    # (torchkit.prune_tools.distill_onnx; needs torch + onnx2torch): distill_steps Adam steps of distill_batch samples
+    distill_steps: int = 150
+    distill_batch: int = 8
+    distill_lr: float = 1e-4
     finetune_epochs: int = 0
     finetune_lr: float = 1e-3
     # fidelity floor (passes/floor.py) vs the original on calibration samples: when the budget's model is below it,
@@ -116,7 +122,7 @@ class PruneOptions:
             raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         self.floor_spec  # validates the floor options
         for nm in ("calib_samples", "score_samples", "fidelity_samples", "ga_population", "ga_generations", "ga_bits",
-                   "max_positions", "latency_iters", "floor_steps"):
+                   "max_positions", "latency_iters", "floor_steps", "distill_steps", "distill_batch"):
             if not isinstance(getattr(self, nm), int) or getattr(self, nm) < 1:
                 raise ValueError(f"{nm} must be a positive integer, got {getattr(self, nm)!r}")
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
@@ -233,7 +239,7 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
             idx = [np.asarray(keep_idx.get(gid, np.arange(size))) + off for gid, off, size in parts]
             out_channels[name] = np.concatenate(idx)
     m = model_pruned
-    if opts.recovery in ("lstsq", "fusion+lstsq") and layers:
+    if opts.recovery in ("lstsq", "fusion+lstsq", "distill") and layers:
         t0 = time.perf_counter()
         bar = ctx.progress.bar(len(layers), "prune: least-squares refit", unit="layer")
         m, st = R.lstsq_refit(m, model_ref, sorted(layers), ctx.calib_batches, samples=opts.calib_samples,
@@ -243,6 +249,23 @@ def _recover(model_pruned, model_ref, groups, groups_by_id, keep_idx, acts, ctx,
                               validate_feeds=ctx.validate_batches)  # ridge cross-validated on validate
         bar.close()
         stats["lstsq"] = {"seconds": round(time.perf_counter() - t0, 2), "layers": st}
+    if opts.recovery == "distill":
+        m = _distill(m, model_ref, ctx, opts, stats)
+    return m
+
+
+def _distill(m, model_ref, ctx, opts, stats):
+    """Distillation of the pruned model toward the pass's input model on the fit samples (torchkit)."""
+    try:
+        from edgec.torchkit import prune_tools as torch_tools
+    except ImportError as e:  # pragma: no cover - torch is an optional extra
+        raise EdgecError(f"prune recovery 'distill' needs torch and onnx2torch: {e}") from None
+    feeds = list(itertools.islice(ctx.calib_batches(), opts.calib_samples))
+    bar = ctx.progress.bar(opts.distill_steps, "prune: distillation", unit="step")
+    m, st = torch_tools.distill_onnx(m, model_ref, feeds, steps=opts.distill_steps, batch=opts.distill_batch,
+                                     lr=opts.distill_lr, seed=ctx.seed, threads=ctx.threads, progress=bar.tick)
+    bar.close()
+    stats["distill"] = st
     return m
 
 
