@@ -1,6 +1,7 @@
 """bench-prune (issue 3, "Done when" items 4 and 5): channel removal on EfficientNet-Lite0, one table, one run.
 
-Rows: every criterion x allocation method, without and with least-squares recovery, and Torch-Pruning 1.6 L1 group
+Rows: every criterion x allocation method, without and with least-squares recovery (and, with --recoveries
+lstsq,distill, least squares followed by distillation toward FP32 on the unlabeled fit crops), and Torch-Pruning 1.6 L1 group
 pruning (MagnitudePruner, GroupMagnitudeImportance(p=1), round_to=8, classifier ignored, ratio bisected to the same
 MACs target), at 0.9 / 0.8 / 0.7 x MACs. No training data is used anywhere (recovery only).
 Columns: achieved MACs ratio, top-1 / top-5 agreement and mean logit cosine vs FP32 on the held-out eval split, top-1
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -207,8 +209,17 @@ def _edgec_sweep(args, model, ctx, fid, base, lat_feed, emit):
                         st: dict = {}
                         rec = P._recover(pruned, model, groups, gbid, keep_idx, acts, ctx, opts, st)
                         f1 = fid(rec)
+                        t_ls = time.time() - t2
                         emit({"method": f"edgec {crit}/{alloc}", "recovery": "lstsq", "target": tgt, "macs": macs,
-                              **f1, **lat, "seconds": round(t_score + t_alloc + time.time() - t2, 1)})
+                              **f1, **lat, "seconds": round(t_score + t_alloc + t_ls, 1)})
+                        if "distill" in args.recoveries:
+                            t3 = time.time()
+                            dopts = dataclasses.replace(opts, recovery="distill",
+                                                        distill_steps=args.distill_steps)
+                            dis = P._distill(rec, model, ctx, dopts, st)
+                            emit({"method": f"edgec {crit}/{alloc}", "recovery": "distill", "target": tgt,
+                                  "macs": macs, **fid(dis), **lat,
+                                  "seconds": round(t_score + t_alloc + t_ls + time.time() - t3, 1)})
                     except Exception as e:
                         log.exception("edgec %s/%s at %s failed", crit, alloc, tgt)
                         emit({"method": f"edgec {crit}/{alloc}", "target": tgt, "error": f"{type(e).__name__}: {e}"})
@@ -326,6 +337,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--ga-population", type=int, default=8)
     ap.add_argument("--ga-generations", type=int, default=4)
+    ap.add_argument("--recoveries", default="lstsq", help="lstsq (always) and optionally distill: lstsq,distill")
+    ap.add_argument("--distill-steps", type=int, default=150, help="distillation steps per point (batch 8)")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--out", default="out/bench_prune")
     args = ap.parse_args(argv)
@@ -335,6 +348,7 @@ def main(argv=None):
     args.targets = [float(t) for t in str(args.targets).split(",")]
     args.criteria = [c for c in str(args.criteria).split(",") if c]
     args.allocations = [a for a in str(args.allocations).split(",") if a]
+    args.recoveries = [r for r in str(args.recoveries).split(",") if r]
     bad = [c for c in args.criteria if c not in CRITERIA] + [a for a in args.allocations if a not in ALLOCATIONS]
     if bad:
         ap.error(f"unknown criteria/allocations: {bad}")
