@@ -17,7 +17,7 @@ cluster ?=
 CLUSTER_ARG := $(if $(cluster),--cluster $(cluster),)
 
 .DEFAULT_GOAL := compile
-.PHONY: compile bench test clean venv help bench-prune bench-quant bench-coverage bench-realworld bench-realworld-traits artifacts rules
+.PHONY: compile bench test clean venv help bench-prune bench-quant bench-frontier bench-coverage bench-realworld bench-realworld-traits artifacts rules
 
 help:
 	@echo "make                    compile model=$(model) target=$(target) recipe=$(recipe)"
@@ -28,6 +28,7 @@ help:
 	@echo "make test               the test suite (creates .venv on first use)"
 	@echo "make bench-prune        criteria x allocation x recovery vs Torch-Pruning (EfficientNet-Lite0)"
 	@echo "make bench-quant        FP32 vs ORT quantize_static vs edgec mixed-bit, one interleaved run"
+	@echo "make bench-frontier     eval agreement vs speedup: prune 1.0-0.7 x {lstsq, distill} x {fp32, int8} + ORT (plot)"
 	@echo "make bench-coverage     shipped prune recipe on 17 torchvision models at 0.7x MACs [ARGS='--criterion l1']"
 	@echo "make bench-compile-time seconds per pass: ResNet-50 prune 0.5, EfficientNet-Lite0 default"
 	@echo "make bench-realworld    cleanup/quant/default on real exports (torch.onnx TorchScript+dynamo, timm, onnxslim, ORT-quantized)"
@@ -61,6 +62,9 @@ bench-prune: $(STAMP)
 
 bench-quant: $(STAMP)
 	$(PY) bench/bench_quant.py $(ARGS)
+
+bench-frontier: $(STAMP)
+	$(PY) bench/bench_frontier.py $(ARGS)
 
 bench-coverage: $(STAMP)
 	$(PY) bench/coverage.py $(ARGS)

@@ -184,10 +184,12 @@ class _TokenModel:
         return Tok()
 
 
-def token_export(*, seq: int = 16, dynamo: bool = False, opset: int = 17, seed: int = 0) -> RealExport:
+def token_export(*, seq: int = 16, dynamo: bool = False, opset: int = 17, seed: int = 0, n: int = 384) -> RealExport:
+    """A 2-layer TransformerEncoder classifier over (input_ids, attention_mask), random weights, with `n` token
+    samples in data.npz (enough for 64 validate and 128 eval samples: a 6-sample validate split decides nothing)."""
     import torch
 
-    key = f"token-{'dynamo' if dynamo else 'ts'}{opset}-{seq}-s{seed}"
+    key = f"token-{'dynamo' if dynamo else 'ts'}{opset}-{seq}-n{n}-s{seed}"
 
     def build(d: Path):
         torch.manual_seed(seed)
@@ -197,7 +199,6 @@ def token_export(*, seq: int = 16, dynamo: bool = False, opset: int = 17, seed: 
         _torch_export(m, (ids, mask), d / "model.onnx", dynamo=dynamo, opset=opset,
                       input_names=["input_ids", "attention_mask"], output_names=["logits"])
         rng = np.random.default_rng(seed)
-        n = 24
         ids_np = rng.integers(1, 1000, size=(n, seq)).astype(np.int64)
         lens = rng.integers(seq // 2, seq + 1, size=n)
         mask_np = (np.arange(seq)[None] < lens[:, None]).astype(np.int64)
