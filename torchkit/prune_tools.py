@@ -245,7 +245,7 @@ def _kd_loss(s_outs, t_outs, temperature: float):
 
 def distill_onnx(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: list[dict], *, steps: int = 200,
                  batch: int = 8, lr: float = 1e-4, temperature: float = 2.0, flip: bool = True, seed: int = 0,
-                 threads: int = 1, progress=None) -> tuple[onnx.ModelProto, dict]:
+                 threads: int = 1, progress=None, optimizer: str = "adam") -> tuple[onnx.ModelProto, dict]:
     """Distillation fine-tuning of `student` (a pruned ONNX model, converted with onnx2torch) toward `teacher` on
     unlabeled `feeds` (the fit split): `steps` Adam steps (cosine-decayed lr) of `batch` samples drawn with
     replacement from the feeds (seeded), each image input mirrored left-right with probability 1/2 when `flip`;
@@ -292,7 +292,8 @@ def distill_onnx(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: list
     except Exception:  # graphs exported with a fixed batch of 1 (Reshape to 1 x ...)
         batched = False
     params = [p for p in tm.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else \
+        torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     losses = []
     for step in range(steps):
@@ -314,7 +315,7 @@ def distill_onnx(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: list
     tm.eval().cpu()
     out = write_back(student, tm, mapping)
     k = max(1, steps // 10)
-    return out, {"steps": steps, "batch": batch, "lr": lr, "temperature": temperature, "samples": len(feeds),
+    return out, {"steps": steps, "batch": batch, "lr": lr, "optimizer": optimizer, "temperature": temperature, "samples": len(feeds),
                  "device": str(dev), "batched": batched, "loss_first": round(float(np.mean(losses[:k])), 6) if losses else None,
                  "loss_last": round(float(np.mean(losses[-k:])), 6) if losses else None,
                  "parameters_written": len(mapping), "seconds": round(time.perf_counter() - t0, 2)}
