@@ -314,6 +314,31 @@ def test_prune_search_two_workers_same_as_in_process(cluster, tmp_path, allocati
     assert _prune_on_cluster(c, ex, tmp_path, allocation, "two") == here
 
 
+def _quant_compile(tmp: Path, tag: str, cluster: str | None) -> bytes:
+    from edgec.pipeline.compile import CompileOptions, compile_model
+    from edgec.testing.prune_models import residual
+
+    src = tmp / "residual.onnx"
+    if not src.exists():
+        onnx.save(residual(), str(src))
+    out = tmp / f"q-{tag}"
+    compile_model(CompileOptions(model=str(src), recipe="quant", out=str(out), data="synthetic", calib_samples=8,
+                                 validate_samples=8, eval_samples=8, bench=False, memory=False, cluster=cluster,
+                                 cache_dir=str(tmp / f"qcache-{tag}"),
+                                 overrides=["quant.target_bits_per_weight=6.0"]))  # a budget: sensitivities
+    return (out / "model.onnx").read_bytes()
+
+
+def test_quant_sensitivity_two_workers_same_as_in_process(cluster, tmp_path):
+    """quant's per-layer sensitivity trials go through the executor; the model is the same byte for byte."""
+    c, ex = cluster
+    _wait_workers(2, c)
+    here = _quant_compile(tmp_path, "here", cluster="")
+    before = ex.stats["tasks"]
+    assert _quant_compile(tmp_path, "two", cluster=c.address) == here
+    assert ex.stats["tasks"] > before, "quant's sensitivity trials did not go through the executor"
+
+
 # ----------------------------------------------------------------------------- artifacts
 
 def _tiny(path: Path) -> Path:

@@ -58,7 +58,8 @@ class QuantRun:
                                        weight_method=opts.weight_method, input_means=self.means,
                                        bias_correction=opts.bias_correction, cache_dir=ctx.cache_dir,
                                        threads=ctx.threads, progress=bar.tick,
-                                       cache_extra={"calibration": opts.calibration, "samples": opts.calib_samples})
+                                       cache_extra={"calibration": opts.calibration, "samples": opts.calib_samples},
+                                       executor=getattr(ctx, "executor", None))
             bar.close()
         sens = {L.name: {b: sens.get(L.name, {}).get(b, 0.0 if b == 32 else np.inf) for b in cands[L.name]}
                 for L in layers}

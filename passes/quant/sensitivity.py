@@ -7,14 +7,20 @@ the final model, so activation Q/DQ around l is included for w8a8). On S calibra
 summed over outputs (mse is used for non-classifier outputs either way). Sessions run with ORT's graph
 optimizations ON, so the numerics are those of the integer kernels that will run. Results are cached as JSON
 under cache_dir/quant_sensitivity/<sha256(model bytes, options)>.json.
+
+With an executor of several workers (core.executor, `--cluster`), the (layer, bits) trials are its items: the model,
+ranges, feeds and reference outputs go to the object store once, and every trial is the same pure function of them,
+so the result does not depend on the number of workers or their order.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +58,43 @@ def cache_key(model: onnx.ModelProto, **opts) -> str:
     return h.hexdigest()[:32]
 
 
+@dataclass
+class _Trials:
+    """Everything a trial needs (sent once per executor)."""
+
+    model: onnx.ModelProto
+    layers: list
+    act_ranges: dict
+    dialect: QuantDialect
+    feeds: list
+    refs: list
+    metric: str
+    weight_method: str
+    input_means: dict | None
+    bias_correction: bool
+    weight_only: bool
+    threads: int
+
+
+def _trial(payload, item: tuple[str, int]) -> float:
+    """S_{l,b}: mean output distance of the model with only layer l quantized at b bits (module docstring)."""
+    from edgec.core.executor import get_handle
+
+    t: _Trials = get_handle(payload)
+    name, b = item
+    qm, _ = insert_qdq(t.model, {name: b}, t.act_ranges, t.dialect, weight_method=t.weight_method,
+                       input_means=t.input_means, bias_correction=t.bias_correction, layers=t.layers,
+                       weight_only=t.weight_only)
+    sess = ort_session(qm, threads=t.threads, optimize=True)
+    return float(np.mean([output_distance(run_session(sess, f), r, t.metric) for f, r in zip(t.feeds, t.refs)]))
+
+
 def measure_sensitivity(model: onnx.ModelProto, layers: list[Layer], candidates: dict[str, list[int]],
                         act_ranges: dict, dialect: QuantDialect, feeds: list[dict[str, np.ndarray]], *,
                         metric: str = "kl", weight_method: str = "minmax", input_means: dict | None = None,
                         bias_correction: bool = True, cache_dir: str | None = None, threads: int = 1,
                         progress: Callable[[str], None] | None = None, cache_extra: dict | None = None,
-                        weight_only: bool = False) -> dict:
+                        weight_only: bool = False, executor=None) -> dict:
     """{layer: {bits: sensitivity}} (bits as str keys in the cache, int here); 32 bits -> 0."""
     key = None
     path = None
@@ -77,24 +114,25 @@ def measure_sensitivity(model: onnx.ModelProto, layers: list[Layer], candidates:
                 pass
     ref_sess = ort_session(model, threads=threads, optimize=True)
     refs = [run_session(ref_sess, f) for f in feeds]
-    out: dict[str, dict[int, float]] = {}
-    total = sum(len([b for b in c if b != 32]) for c in candidates.values())
-    done = 0
-    for L in layers:
-        out[L.name] = {}
-        for b in candidates.get(L.name, []):
-            if b == 32:
-                out[L.name][32] = 0.0
-                continue
-            qm, _ = insert_qdq(model, {L.name: b}, act_ranges, dialect, weight_method=weight_method,
-                               input_means=input_means, bias_correction=bias_correction, layers=layers,
-                               weight_only=weight_only)
-            sess = ort_session(qm, threads=threads, optimize=True)
-            d = [output_distance(run_session(sess, f), r, metric) for f, r in zip(feeds, refs)]
-            out[L.name][b] = float(np.mean(d))
-            done += 1
+    trials = _Trials(model, layers, act_ranges, dialect, feeds, refs, metric, weight_method, input_means,
+                     bias_correction, weight_only, threads)
+    items = [(L.name, b) for L in layers for b in candidates.get(L.name, []) if b != 32]
+    total = len(items)
+    if executor is not None and getattr(executor, "workers", 1) > 1:
+        vals = executor.map(functools.partial(_trial, executor.put(trials)), items, desc="quant sensitivity")
+        if progress:
+            for k in range(total):
+                progress(f"sensitivity {k + 1}/{total}")
+    else:
+        vals = []
+        for k, it in enumerate(items):
+            vals.append(_trial(trials, it))
             if progress:  # once per trial (a progress bar's tick); its -v detail line is the caller's choice
-                progress(f"sensitivity {done}/{total}")
+                progress(f"sensitivity {k + 1}/{total}")
+    got = dict(zip(items, vals))
+    out: dict[str, dict[int, float]] = {}
+    for L in layers:
+        out[L.name] = {b: (0.0 if b == 32 else got[(L.name, b)]) for b in candidates.get(L.name, [])}
     if path is not None:
         os.makedirs(path.parent, exist_ok=True)
         with atomic_write(path, "w") as f:
