@@ -124,21 +124,12 @@ def main(argv=None) -> int:
         ap.error("--runs must be >= 200")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
-    from bench_quant import _export, _fidelity, _time
-
-    from edgec.calib.data import InputInfo, load_data
-    from edgec.core.onnx_io import ort_session
+    from bench_quant import _fidelity, _setup, _time
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    fp32, pre = _export()
-    inp = InputInfo(fp32.graph.input[0].name, (1, 3, 224, 224))
-    splits = load_data("bundled", [inp], pre, n_fit=args.calib, n_validate=args.validate, n_eval=args.eval, seed=0)
-    calib, val, ev = splits.fit, splits.validate, splits.eval
-    ref = ort_session(fp32, threads=2)
-    ref_ev = [ref.run(None, f)[0] for f in ev.iter_feeds()]
-    ref_val = [ref.run(None, f)[0] for f in val.iter_feeds()]
+    fp32, calib, val, ev, ref_ev, ref_val = _setup(args.calib, args.validate, args.eval)
     with tempfile.TemporaryDirectory(prefix="edgec-frontier-") as d:
         pts = _points(fp32, calib, val, args, Path(d))
         timing = _time({"fp32": fp32, **{k: m for k, (m, _) in pts.items()}}, args.runs)

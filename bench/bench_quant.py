@@ -43,6 +43,21 @@ def _export():
     return spec.fn(m, PassContext(calib_batches=lambda: iter([])), make_options(spec, {})).model, src.preprocess
 
 
+def _setup(n_fit: int, n_validate: int, n_eval: int):
+    """EfficientNet-Lite0 after cleanup, its fit / validate / eval splits of the bundled photographs, and the FP32
+    reference outputs on eval and validate: (fp32, calib, val, evals, ref_eval, ref_val)."""
+    from edgec.calib.data import InputInfo, load_data
+    from edgec.core.onnx_io import ort_session
+
+    fp32, pre = _export()
+    inp = InputInfo(fp32.graph.input[0].name, (1, 3, 224, 224))
+    splits = load_data("bundled", [inp], pre, n_fit=n_fit, n_validate=n_validate, n_eval=n_eval, seed=0)
+    calib, val, evals = splits.fit, splits.validate, splits.eval
+    ref_s = ort_session(fp32, threads=2, optimize=True)
+    return (fp32, calib, val, evals, [ref_s.run(None, f)[0] for f in evals.iter_feeds()],
+            [ref_s.run(None, f)[0] for f in val.iter_feeds()])
+
+
 def _peer(model_path: str, calib, method: str, workdir: Path) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -147,24 +162,17 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log = logging.getLogger("bench_quant")
     log.setLevel(logging.INFO)
-    from edgec.calib.data import InputInfo, load_data
     from edgec.passes.base import PassContext
     from edgec.passes.floor import FloorSpec
     from edgec.passes.quant.quant_pass import quantize
-    from edgec.core.onnx_io import ort_session, save_onnx
+    from edgec.core.onnx_io import save_onnx
     from edgec.targets.ort_kernels import effective_precision
     from edgec.targets.ort_latency import OrtLatencyProbe
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    fp32, pre = _export()
-    inp = InputInfo(fp32.graph.input[0].name, (1, 3, 224, 224))
-    splits = load_data("bundled", [inp], pre, n_fit=a.calib, n_validate=a.validate, n_eval=a.eval, seed=0)
-    calib, val, evals = splits.fit, splits.validate, splits.eval
-    ref_s = ort_session(fp32, threads=2, optimize=True)
-    ref_outs = [ref_s.run(None, f)[0] for f in evals.iter_feeds()]
-    ref_val = [ref_s.run(None, f)[0] for f in val.iter_feeds()]
+    fp32, calib, val, evals, ref_outs, ref_val = _setup(a.calib, a.validate, a.eval)
     results: dict = {"models": {}, "setup": {"calib_samples": len(calib), "validate_samples": len(val),
                                               "eval_samples": len(evals), "threads": 1, "runs": a.runs,
                                               "data": calib.description, "validate_data": val.description,

@@ -187,19 +187,24 @@ def _reload_auth() -> None:
 # ----------------------------------------------------------------------------- prune through the seam
 # (first, while the cluster has one worker; the 2-worker runs come after the seam test has added worker B)
 
-def _prune_compile(tmp: Path, tag: str, allocation: str, cluster: str | None) -> bytes:
+def _compile_residual(tmp: Path, recipe: str, tag: str, cluster: str | None, overrides: list[str]) -> bytes:
+    """model.onnx bytes of the residual test model compiled with `recipe` (own output and cache dir per tag)."""
     from edgec.pipeline.compile import CompileOptions, compile_model
     from edgec.testing.prune_models import residual
 
     src = tmp / "residual.onnx"
     if not src.exists():
         onnx.save(residual(), str(src))
-    out = tmp / f"{tag}-{allocation}"
-    compile_model(CompileOptions(model=str(src), recipe="prune", out=str(out), data="synthetic", calib_samples=8,
+    out = tmp / f"{recipe}-{tag}"
+    compile_model(CompileOptions(model=str(src), recipe=recipe, out=str(out), data="synthetic", calib_samples=8,
                                  validate_samples=8, eval_samples=8, bench=False, memory=False, cluster=cluster,
-                                 cache_dir=str(tmp / f"cache-{tag}"), overrides=[f"prune.allocation={allocation}",
-                                                                                 "prune.target_macs=0.6"]))
+                                 cache_dir=str(tmp / f"cache-{recipe}-{tag}"), overrides=overrides))
     return (out / "model.onnx").read_bytes()
+
+
+def _prune_compile(tmp: Path, tag: str, allocation: str, cluster: str | None) -> bytes:
+    return _compile_residual(tmp, "prune", f"{tag}-{allocation}", cluster,
+                             [f"prune.allocation={allocation}", "prune.target_macs=0.6"])
 
 
 _PRUNE: dict = {}  # allocation -> model.onnx bytes compiled in process
@@ -315,18 +320,7 @@ def test_prune_search_two_workers_same_as_in_process(cluster, tmp_path, allocati
 
 
 def _quant_compile(tmp: Path, tag: str, cluster: str | None) -> bytes:
-    from edgec.pipeline.compile import CompileOptions, compile_model
-    from edgec.testing.prune_models import residual
-
-    src = tmp / "residual.onnx"
-    if not src.exists():
-        onnx.save(residual(), str(src))
-    out = tmp / f"q-{tag}"
-    compile_model(CompileOptions(model=str(src), recipe="quant", out=str(out), data="synthetic", calib_samples=8,
-                                 validate_samples=8, eval_samples=8, bench=False, memory=False, cluster=cluster,
-                                 cache_dir=str(tmp / f"qcache-{tag}"),
-                                 overrides=["quant.target_bits_per_weight=6.0"]))  # a budget: sensitivities
-    return (out / "model.onnx").read_bytes()
+    return _compile_residual(tmp, "quant", tag, cluster, ["quant.target_bits_per_weight=6.0"])  # a budget: sensitivities
 
 
 def test_quant_sensitivity_two_workers_same_as_in_process(cluster, tmp_path):

@@ -14,10 +14,10 @@ so the result does not depend on the number of workers or their order.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
