@@ -35,9 +35,12 @@ TOL = 0.05
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compile_cmd(name: str, target: float, criterion: str | None, out: Path) -> list[str]:
+def compile_cmd(name: str, target: float, criterion: str | None, out: Path,
+                compile_threads: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "pipeline", "compile", "--model", f"torchvision:{name}", "--recipe", "prune",
            "--set", f"prune.target_macs={target}", "--no-bench", "--threads", "1", "--out", str(out)]
+    if compile_threads:  # concurrent compiles share the cores (the bytes do not depend on it: pipeline/compile.py)
+        cmd += ["--compile-threads", str(compile_threads)]
     if criterion:
         cmd += ["--set", f"prune.criterion={criterion}"]
     return cmd
@@ -63,12 +66,13 @@ def row_from_report(name: str, rep: dict, target: float) -> dict:
             "reason": "; ".join(reasons)}
 
 
-def run_one(name: str, target: float, criterion: str | None, out_root: str, timeout: float) -> dict:
+def run_one(name: str, target: float, criterion: str | None, out_root: str, timeout: float,
+            compile_threads: int | None = None) -> dict:
     """One model in a fresh compile process; a pure function of its arguments (the seam's item)."""
     out = Path(out_root) / name
     t0 = time.time()
     try:
-        p = subprocess.run(compile_cmd(name, target, criterion, out), cwd=ROOT, capture_output=True, text=True,
+        p = subprocess.run(compile_cmd(name, target, criterion, out, compile_threads), cwd=ROOT, capture_output=True, text=True,
                            timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except subprocess.TimeoutExpired:
         return {"model": name, "ok": False, "refused": False, "wall_seconds": time.time() - t0,
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cluster", default=None, help="executor: auto | ray://H:P | H:P | local:N (default in process)")
     a = ap.parse_args(argv)
     from edgec.core.executor import make_executor
+    from edgec.pipeline.compile import eval_threads
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +120,10 @@ def main(argv=None) -> int:
           f"fidelity vs the unpruned model on the eval split (random torchvision weights)")
     print(HEADER)
     print("-" * len(HEADER), flush=True)
-    fn = functools.partial(_logged, str(log), a.target, a.criterion, str(out.resolve()), a.timeout)
     ex = make_executor(a.cluster)
+    # on a cluster, each worker's compile gets its share of its machine's cores (one task per CPU slot)
+    cthreads = eval_threads(None, ex.workers) if ex.workers > 1 else None
+    fn = functools.partial(_logged, str(log), a.target, a.criterion, str(out.resolve()), a.timeout, cthreads)
     t0 = time.time()
     try:
         rows = ex.map(fn, names, desc="coverage")
@@ -129,8 +136,8 @@ def main(argv=None) -> int:
     return 0 if n_ok + min(n_ref, 1) >= len(rows) else 1
 
 
-def _logged(log: str, target, criterion, out_root, timeout, name: str) -> dict:
-    r = run_one(name, target, criterion, out_root, timeout)
+def _logged(log: str, target, criterion, out_root, timeout, compile_threads, name: str) -> dict:
+    r = run_one(name, target, criterion, out_root, timeout, compile_threads)
     print(fmt(r), flush=True)
     with open(log, "a") as fh:
         fh.write(json.dumps(r) + "\n")

@@ -20,6 +20,13 @@ Two implementations:
     as WorkerLost instead of waiting forever. An exception raised by `fn` is not retried (it is deterministic): it
     propagates as itself (the lowest-index one when several items fail, as the serial loop would).
 Ray is an optional extra (`pip install 'edgec[ray]'`), imported only when a cluster is asked for.
+
+Numeric threads. OpenBLAS sums a large matrix product in a different order at a different thread count (measured:
+a 512x2000 @ 2000x1024 product differs by 8e-14 between 1 and 2 threads), so a least-squares refit computed in a
+process whose BLAS has 2 threads and in a Ray worker whose BLAS has 1 (Ray sets OMP_NUM_THREADS=1) gives models that
+differ in their last bits. `blas_threads(n)` fixes numpy's BLAS pool for a block of work; the compile chooses one
+count from the machine (never from the worker count), runs its passes under it, and hands it to the executor, which
+runs every task under the same count (`make_executor(spec, blas_threads=n)`).
 """
 from __future__ import annotations
 
@@ -52,6 +59,18 @@ class Executor(Protocol):
     def put(self, obj: Any) -> Any: ...
 
     def get(self, handle: Any) -> Any: ...
+
+
+def blas_threads(n: int | None):
+    """Context manager: numpy's BLAS thread pool at exactly `n` threads inside the block (threadpoolctl); None: as
+    is. See "Numeric threads" above."""
+    import contextlib
+
+    if n is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=max(int(n), 1), user_api="blas")
 
 
 class WorkerLost(EdgecError):
@@ -150,10 +169,15 @@ def cluster_spec(spec: str | None = None) -> str:
     return (s or "").strip()
 
 
-def make_executor(spec: str | None = None) -> Executor:
+def make_executor(spec: str | None = None, *, blas_threads: int | None = None,
+                  warm: tuple[str, ...] = ()) -> Executor:
     """IN_PROCESS unless a cluster is asked for (`spec`, else $EDGEC_CLUSTER); then a connected RayExecutor.
 
-    'none', 'off' and '' mean in process. Call `.close()` when done (it stops a local:N Ray it started)."""
+    'none', 'off' and '' mean in process. Call `.close()` when done (it stops a local:N Ray it started).
+    blas_threads: the numpy BLAS thread count every task runs under (the caller's own count; see "Numeric
+    threads" above); in process the caller's own limit already applies.
+    warm: modules every worker imports now, in the background, so the first real task does not pay for them
+    (onnxruntime and the passes take about a second to import in a fresh worker)."""
     s = cluster_spec(spec)
     if s in ("", "none", "off", "in-process"):
         return IN_PROCESS
@@ -161,6 +185,9 @@ def make_executor(spec: str | None = None) -> Executor:
     ex = _OPEN.get(s)
     if ex is None or not ex.ray.is_initialized():  # one connection per process: later calls share it
         ex = _OPEN[s] = RayExecutor(kind, val, spec=s)
+    ex.blas_threads = blas_threads
+    if warm:
+        ex.warm(warm)
     return ex
 
 
@@ -169,9 +196,20 @@ _OPEN: dict[str, "RayExecutor"] = {}
 
 # ----------------------------------------------------------------------------- Ray
 
-def _run_item(fn, item):
-    """The Ray task body: fn (fetched once per worker from its object-store ref) applied to one item."""
-    return fn(item)
+def _run_item(fn, item, blas: int | None = None):
+    """The Ray task body: fn (fetched once per worker from its object-store ref) applied to one item, with numpy's
+    BLAS at the driver's thread count (`blas`, see "Numeric threads")."""
+    with blas_threads(blas):
+        return fn(item)
+
+
+def _import_all(modules: tuple[str, ...]) -> int:
+    import importlib
+
+    for m in modules:
+        importlib.import_module(m)
+    time.sleep(0.2)  # hold this worker a moment so each worker gets one of the warm-up tasks
+    return os.getpid()
 
 
 def _in_worker():
@@ -192,6 +230,7 @@ class RayExecutor:
                                   else os.environ.get("EDGEC_CLUSTER_LOST_GRACE_S", 60))
         self.poll_s = float(poll_s)
         self.stats = {"maps": 0, "tasks": 0, "lost": 0}
+        self.blas_threads: int | None = None  # numpy BLAS threads per task (make_executor sets it)
         self._owns = False
         self._connect(kind, value, object_store_mb)
         self._task = self.ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_run_item)
@@ -229,6 +268,10 @@ class RayExecutor:
     def put(self, obj: Any) -> Any:
         return self.ray.put(obj)
 
+    def warm(self, modules: tuple[str, ...]) -> None:
+        """Each worker slot imports `modules` in the background (not awaited: the driver goes on meanwhile)."""
+        self._warming = [self._task.remote(_import_all, tuple(modules), None) for _ in range(self.workers)]
+
     def get(self, handle: Any) -> Any:
         return get_handle(handle)
 
@@ -258,7 +301,8 @@ class RayExecutor:
         label = desc or getattr(fn, "__qualname__", "task")
         task = self._task.options(resources=resources) if resources else self._task
         fn_ref = self.ray.put(fn)  # shipped once, not once per task
-        refs = [task.options(name=f"{label}[{i}]").remote(fn_ref, it) for i, it in enumerate(items)]
+        refs = [task.options(name=f"{label}[{i}]").remote(fn_ref, it, self.blas_threads)
+                for i, it in enumerate(items)]
         self.stats["maps"] += 1
         self.stats["tasks"] += len(refs)
         results: list[Any] = [None] * len(items)

@@ -135,6 +135,9 @@ class PassContext:
     seed: int = 0
     cache_dir: str | None = None
     threads: int = 1
+    # numpy BLAS threads for the passes' own math: one count chosen from the machine, never from the executor's
+    # worker count, because OpenBLAS rounds differently at different counts (core.executor, "Numeric threads")
+    blas_threads: int | None = None
     progress: Progress = field(default_factory=Progress)
     latency_probe: Callable[[onnx.ModelProto], float] | None = None
     target_probe: TargetProbe | None = None  # the target's measurements; None: counted costs only
@@ -146,6 +149,12 @@ class PassContext:
 
     def __post_init__(self) -> None:
         self.progress = as_progress(self.progress)
+
+    @property
+    def task_threads(self) -> int:
+        """ORT threads for one executor task: the compile's evaluation threads shared among the executor's workers
+        (all of them in process), so N concurrent tasks never oversubscribe the cores."""
+        return max(1, int(self.threads) // max(1, int(getattr(self.executor, "workers", 1) or 1)))
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator derived from the run seed and a per-use salt, so every random choice flows from --seed."""

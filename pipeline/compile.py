@@ -167,11 +167,17 @@ def _compile_model(opts: CompileOptions) -> dict:
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
     cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
-    executor = make_executor(opts.cluster)  # results never depend on it (see core.executor)
-    cthreads = eval_threads(opts.compile_threads, executor.workers)
+    # numpy BLAS at one count from the machine alone (not --compile-threads, not the worker count), here and in
+    # every worker: the compiled bytes never depend on them (core.executor, "Numeric threads"). ORT's own
+    # evaluations use --compile-threads here; an executor task gets them shared among the workers
+    # (PassContext.task_threads); ORT's outputs do not depend on its thread count (tests/test_compile_threads.py).
+    blas = eval_threads(None)
+    executor = make_executor(opts.cluster, blas_threads=blas, warm=WORKER_MODULES)
+    cthreads = eval_threads(opts.compile_threads)
     tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
     ctx = _pass_context(opts, recipe, splits, reference, torch_module, target.dialect, cache_dir, tprobe, executor,
                         concrete, cthreads)
+    ctx.blas_threads = blas
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     try:
         result = run_recipe(model, recipe, ctx)
@@ -282,10 +288,15 @@ def _collect_plots(stages, outdir: Path) -> None:
                 st.stats[k] = name
 
 
+# what a worker imports while the driver exports and cleans up (make_executor's warm-up)
+WORKER_MODULES = ("numpy", "onnx", "onnxruntime", "edgec.passes.prune.evaluate", "edgec.passes.quant.sensitivity",
+                  "edgec.passes.floor")
+
+
 def eval_threads(requested: int | None, workers: int = 1) -> int:
     """Intra-op threads for the compile's own model evaluations (floors, activations, sensitivity, least squares,
-    the fidelity report): `--compile-threads`, else the machine's cores shared among the executor's workers (at most
-    4, at least 1). Latency probes and the benchmark keep `--threads`: those numbers are about the deployment.
+    the fidelity report): `--compile-threads`, else the machine's cores shared among `workers` concurrent
+    processes (at most 4, at least 1). Latency probes and the benchmark keep `--threads`: those numbers are about the deployment.
     ORT's CPU kernels partition work by output, so outputs are bitwise the same at any thread count (checked in
     tests/test_compile_threads.py); choices do not depend on it."""
     if requested is not None:

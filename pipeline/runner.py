@@ -22,6 +22,7 @@ import onnx
 from edgec.passes.base import PassContext, get_pass, options_dict, run_pass
 from edgec.passes.costs import count_costs
 from edgec.core.errors import EdgecError, PassFailed
+from edgec.core.executor import blas_threads
 from edgec.core.fidelity import Comparator, max_rel
 from edgec.core.onnx_io import check_model, ort_session, run_session
 from edgec.core.progress import human, seconds
@@ -102,7 +103,8 @@ def run_recipe(model: onnx.ModelProto, recipe: Recipe, ctx: PassContext, *, veri
             _refuse_requantization(result.model, step.name)
         t0 = time.perf_counter()
         try:
-            res = run_pass(spec.impl, result.model, ctx, step.options)  # requires -> call -> ensures (passes/base.py)
+            with blas_threads(ctx.blas_threads):  # one BLAS count for every pass (core.executor, "Numeric threads")
+                res = run_pass(spec.impl, result.model, ctx, step.options)  # requires -> call -> ensures (passes/base.py)
         except EdgecError as e:
             raise PassFailed(step.name, str(e), tuple(ran)) from None
         except Exception as e:  # a bug or unsupported graph inside the pass

@@ -270,6 +270,39 @@ def test_put_handle_fetched_in_workers(cluster):
     assert ex.get(h) is not big and np.array_equal(ex.get(h), big)
 
 
+def _blas_product(i):
+    """(numpy's BLAS thread count in this process, the bytes of a product whose rounding depends on it)."""
+    import hashlib
+
+    from threadpoolctl import threadpool_info
+
+    rng = np.random.default_rng(i)
+    a, b = rng.standard_normal((512, 2000)), rng.standard_normal((2000, 1024))
+    n = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    return n, hashlib.sha256((a @ b).tobytes()).hexdigest()
+
+
+def test_tasks_run_at_the_drivers_blas_thread_count(cluster):
+    """OpenBLAS rounds a large product differently at 1 and 2 threads, and Ray starts workers with one: every task
+    runs at the executor's blas_threads, so a worker computes the same bytes as the driver (core.executor)."""
+    _, ex = cluster
+    with X.blas_threads(1):
+        one = _blas_product(0)
+    with X.blas_threads(2):
+        two = _blas_product(0)
+    assert one[0] == [1] and two[0] == [2]
+    if one[1] == two[1]:
+        pytest.skip("this CPU's OpenBLAS rounds this product the same at 1 and 2 threads")
+    saved = ex.blas_threads
+    try:
+        ex.blas_threads = 2
+        assert ex.map(_blas_product, [0, 0, 0, 0], desc="blas") == [two] * 4
+        ex.blas_threads = 1
+        assert ex.map(_blas_product, [0, 0], desc="blas") == [one] * 2
+    finally:
+        ex.blas_threads = saved
+
+
 def _crash_first(arg):
     """Kills its own worker process on the item's first attempt (a marker file says it ran before)."""
     marker, item = arg

@@ -11,7 +11,6 @@ fidelity-floor / latency searches around one budget are in passes/prune/search.p
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from edgec.core.executor import blas_threads
 from edgec.passes.base import PassContext, PassResult, register_pass
 from edgec.passes.floor import FloorSpec, OutputFloor
 from edgec.passes.prune import allocate as alloc
@@ -141,14 +141,11 @@ class PruneOptions:
         object.__setattr__(self, "sensitivity_ratios", r)
 
 
-def _blas_threads(n: int):
-    """numpy's BLAS at the compile's thread budget while the pass runs (threadpoolctl when installed): the pass's
-    matrices are small, and a BLAS pool larger than the budget spins on a busy machine (2-4x the CPU time)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=max(int(n), 1), user_api="blas")
+def _blas_threads(ctx: PassContext):
+    """numpy's BLAS at the compile's count while the pass runs (ctx.blas_threads: the same in every worker, see
+    core.executor "Numeric threads"; else the evaluation budget ctx.threads): the pass's matrices are small, and
+    a BLAS pool larger than the budget spins on a busy machine (2-4x the CPU time)."""
+    return blas_threads(ctx.blas_threads or ctx.threads)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -389,7 +386,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, opts: PruneOptions) -> PassR
 
     t_start = time.perf_counter()
     model, folded = fold_small_constants(model)
-    with memo_by_identity(), _blas_threads(ctx.threads):
+    with memo_by_identity(), _blas_threads(ctx):
         groups = analyze(model)
         post = _close_postprocess(model, groups, ctx.input_shapes)
         prunable = _candidates(groups, opts)

@@ -57,7 +57,7 @@ def _sensitivity_curves(model, prunable, groups, groups_by_id, scores, ctx, opts
         new = [_refit_curve(model, g, groups, groups_by_id, scores, ctx, opts, probe) for g in bar]
     else:
         payload = _executor(ctx).put(EV.make_payload(model, groups, scores, probe, ratios=opts.sensitivity_ratios,
-                                                     round_to=opts.round_to, threads=ctx.threads,
+                                                     round_to=opts.round_to, threads=ctx.task_threads,
                                                      masked=opts.candidate_eval == "masked"))
         new = _executor(ctx).map(functools.partial(EV.scan_group, payload), (g.id for g in bar),
                                  desc="prune: sensitivity")
@@ -146,7 +146,7 @@ def _by_sensitivity(r: _AllocRequest):
 def _by_ga(r: _AllocRequest):
     opts, ctx = r.opts, r.ctx
     base = alloc.uniform(r.sizes, r.cost_f, r.budget, opts.round_to, r.aligns)
-    payload = _executor(ctx).put(EV.make_payload(r.model, r.groups, r.scores, r.probe, threads=ctx.threads,
+    payload = _executor(ctx).put(EV.make_payload(r.model, r.groups, r.scores, r.probe, threads=ctx.task_threads,
                                                  search=sorted(r.sizes), masked=opts.candidate_eval == "masked"))
 
     def fid(keeps):  # one generation's new individuals, through the executor

@@ -114,11 +114,12 @@ def measure_sensitivity(model: onnx.ModelProto, layers: list[Layer], candidates:
                 pass
     ref_sess = ort_session(model, threads=threads, optimize=True)
     refs = [run_session(ref_sess, f) for f in feeds]
+    workers = getattr(executor, "workers", 1) if executor is not None else 1
     trials = _Trials(model, layers, act_ranges, dialect, feeds, refs, metric, weight_method, input_means,
-                     bias_correction, weight_only, threads)
+                     bias_correction, weight_only, max(1, threads // workers))  # cores shared among the workers
     items = [(L.name, b) for L in layers for b in candidates.get(L.name, []) if b != 32]
     total = len(items)
-    if executor is not None and getattr(executor, "workers", 1) > 1:
+    if workers > 1:
         vals = executor.map(functools.partial(_trial, executor.put(trials)), items, desc="quant sensitivity")
         if progress:
             for k in range(total):
