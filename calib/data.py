@@ -89,6 +89,9 @@ class DataSplit:
     make: Callable[[int], dict[str, np.ndarray]]
     labels: np.ndarray | None = None
     description: str = ""
+    # the source each sample was drawn from (a photograph: its crops are not independent samples), or None when
+    # every sample is its own source; the fidelity floor's sampling margin uses it (passes/floor.py)
+    groups: np.ndarray | None = None
     _cache: dict[int, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     cache_limit_bytes: int = 256 << 20
     _cached_bytes: int = 0
@@ -218,8 +221,10 @@ def bundled_split(split: str, count: int, inp: InputInfo, pre: Preprocess, seed:
         return {inp.name: pre.apply(rgb)[None]}
 
     kind = "augmented crops" if split == "fit" else "crops"
+    sched = list(photos) if split == "eval" else _schedule(photos)
+    groups = np.asarray([photos.index(sched[i % len(sched)]) for i in range(count)], np.int64)
     return DataSplit(split, count, make, description=f"bundled photos, {kind} of {len(photos)} photographs: "
-                                                     f"{', '.join(photos)}")
+                                                     f"{', '.join(photos)}", groups=groups)
 
 
 def _sha(data: bytes) -> str:

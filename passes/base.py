@@ -144,6 +144,7 @@ class PassContext:
     input_shapes: dict[str, tuple[int, ...]] | None = None
     validate_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
     validate_labels: np.ndarray | None = None
+    validate_groups: np.ndarray | None = None  # source of each validate sample (calib.data.DataSplit.groups)
     fidelity: Any = None  # passes.floor.FloorSpec
     executor: Any = IN_PROCESS  # edgec.core.executor.Executor
 

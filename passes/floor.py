@@ -12,6 +12,11 @@ picks candidates whose validate figure is luckier than their held-out one (the w
   agreement a over n samples:   a - z sqrt(a (1 - a) / n)
   accuracy drop, paired:        100 ((b - f) + z sqrt(b + f)) / n    (b broken, f fixed predictions: McNemar's counts)
   cosine c:                     mean(c) - z sem(c)
+When the validate samples come in groups that are not independent (the bundled split's crops share a handful of
+photographs: DataSplit.groups), the agreement and accuracy-drop margins use the larger of the formula above and
+the cluster-robust standard error of the per-sample mean, sqrt(G / (G - 1) sum_g (sum_{i in g} (x_i - mean))^2) / n
+over the G groups: 128 crops of 6 photographs are closer to 6 samples than to 128 when a model's flips cluster on
+one photograph (measured: a random-weight ResNet-18 at 64 px, top-1 agreement 0.977 on validate, 0.922 on eval).
 A candidate that changes nothing passes at any z; one that changes k of n predictions needs a little more room
 than k / n. z = 0 is the plain estimate.
 
@@ -126,6 +131,20 @@ def _classifier_shaped(a: np.ndarray) -> bool:
     return a.ndim == 2 and a.shape[1] >= 2
 
 
+def cluster_se(x, groups) -> float:
+    """Cluster-robust standard error of mean(x) with samples grouped by `groups` (CR1: G / (G - 1) small-sample
+    factor); 0.0 without groups or with fewer than two groups (the caller then keeps the i.i.d. formula)."""
+    if groups is None or len(x) == 0:
+        return 0.0
+    x, g = np.asarray(x, np.float64), np.asarray(groups)[: len(x)]
+    ids = np.unique(g)
+    if len(ids) < 2:
+        return 0.0
+    r = x - x.mean()
+    sums = np.array([r[g == k].sum() for k in ids])
+    return float(np.sqrt(len(ids) / (len(ids) - 1) * np.sum(sums ** 2)) / len(x))
+
+
 class OutputFloor:
     """Measures a candidate against the reference outputs (computed once) and says whether the floor holds."""
 
@@ -143,6 +162,9 @@ class OutputFloor:
         if not self.feeds:
             raise EdgecError("the fidelity floor needs validate or calibration samples (none were given)")
         all_labels = ctx.validate_labels if val is not None else ctx.calib_labels
+        groups = getattr(ctx, "validate_groups", None) if val is not None else None
+        self.groups = (np.asarray(groups[: len(self.feeds)]) if groups is not None and len(groups) >= len(self.feeds)
+                       else None)
         ref = ctx.reference_model if ctx.reference_model is not None else model
         self.names = [o.name for o in ref.graph.output]
         # a decode / post-processing region (passes/regions.py): the tensors entering it (raw head outputs) are
@@ -202,24 +224,34 @@ class OutputFloor:
         from edgec.core.fidelity import Comparator
 
         comp = Comparator(self.all_names)
+        agree, drop = [], []  # per sample: prediction kept; broken (1) / fixed (-1) vs the labels
         for i, (out, r) in enumerate(zip(self._run(model), self.ref)):
             lab = None if self.labels is None else np.asarray([self.labels[i]])
             comp.update(out, r, lab)
+            if self.cls_index is not None:
+                p, q = np.asarray(out[self.cls_index]).argmax(-1), np.asarray(r[self.cls_index]).argmax(-1)
+                agree.append(float(np.mean(p == q)))
+                if lab is not None:
+                    drop.append(float(np.mean((q == lab).astype(float) - (p == lab).astype(float))))
         per = comp.result()["per_output"]
         z = float(self.spec.standard_errors)
         out: dict = {"samples": len(self.feeds)}
+        if self.groups is not None:
+            out["groups"] = int(len(np.unique(self.groups)))
         if self.cls_index is not None:
             c = per[self.out_names[self.cls_index]]
             a, n = c["top1_agreement"], max(c["samples"], 1)
             out["top1_agreement"] = a
             if z:
-                out["top1_agreement_bound"] = round(a - z * float(np.sqrt(a * (1 - a) / n)), 6)
+                se = max(float(np.sqrt(a * (1 - a) / n)), cluster_se(agree, self.groups))
+                out["top1_agreement_bound"] = round(a - z * se, 6)
             if "accuracy" in c:
                 out.update(accuracy=100 * c["accuracy"], reference_accuracy=100 * c["reference_accuracy"],
                            accuracy_drop=100 * (c["reference_accuracy"] - c["accuracy"]))
                 if z:
                     b, f = c["broken"], c["fixed"]
-                    out["accuracy_drop_bound"] = round(100 * ((b - f) + z * float(np.sqrt(b + f))) / n, 6)
+                    se = max(float(np.sqrt(b + f)) / n, cluster_se(drop, self.groups))
+                    out["accuracy_drop_bound"] = round(100 * ((b - f) / n + z * se), 6)
         if self.cosine_outputs:
             out["cosine"] = {n: round(per[n]["cosine"], 6) for n in self.cosine_outputs}
             if z:

@@ -263,6 +263,7 @@ def _pass_context(opts, recipe, splits, reference, torch_module, dialect, cache_
                        latency_probe=tprobe.model_latency_ms if tprobe is not None else None,
                        input_shapes=dict(concrete) if concrete else None,
                        validate_batches=lambda: val.iter_feeds(), validate_labels=val.labels,
+                       validate_groups=val.groups,
                        fidelity=recipe.floor_spec(len(val)), executor=executor)
 
 

@@ -106,3 +106,18 @@ def test_image_folder_labels_and_duplicate_files(tmp_path):
     with pytest.raises(EdgecError, match="also appear in the"):
         load_data(str(tmp_path), [InputInfo("input", (1, 3, 16, 16))], Preprocess(), n_fit=100, n_validate=100,
                   n_eval=100)
+
+
+@pytest.mark.parametrize("split", ["fit", "validate", "eval"])
+def test_bundled_split_groups_name_each_samples_photograph(split):
+    """groups[i] indexes the photograph sample i was cropped from (natural photographs scheduled three times as
+    often as textures), so the floor's margin can treat crops of one photograph as one source."""
+    from edgec.calib import data as D
+
+    photos = {"fit": D.FIT_PHOTOS, "validate": D.VALIDATE_PHOTOS, "eval": D.EVAL_PHOTOS}[split]
+    inp = D.InputInfo("x", (1, 3, 32, 32))
+    sp = D.bundled_split(split, 40, inp, D.Preprocess(height=32, width=32), seed=0)
+    assert sp.groups is not None and len(sp.groups) == 40
+    assert set(sp.groups.tolist()) == set(range(len(photos)))
+    sched = list(photos) if split == "eval" else D._schedule(photos)
+    assert [photos[g] for g in sp.groups] == [sched[i % len(sched)] for i in range(40)]

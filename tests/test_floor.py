@@ -260,3 +260,61 @@ def test_standard_error_margin_on_agreement_accuracy_and_cosine(z):
         fl2 = OutputFloor(ctx, FloorSpec(**probe, cosine_scope="all", samples=n, standard_errors=z), m)
         assert fl2.ok(fl2.measure(cand)) == (z == 0.0), key
         assert fl2.ok(fl2.measure(m)), key
+
+
+def test_cluster_robust_margin_formula():
+    """cluster_se: 0 without groups; for flips concentrated in one of 6 groups, the CR1 formula (checked by hand)
+    and well above the i.i.d. standard error; for flips spread one per group, below it."""
+    from edgec.passes.floor import cluster_se
+
+    n, G = 120, 6
+    groups = np.arange(n) % G
+    x = np.ones(n)
+    conc = x.copy()
+    conc[np.flatnonzero(groups == 0)[:8]] = 0.0
+    spread = x.copy()
+    spread[[np.flatnonzero(groups == g)[0] for g in range(G)] + [np.flatnonzero(groups == 0)[1],
+                                                                 np.flatnonzero(groups == 1)[1]]] = 0.0
+    assert cluster_se(conc, None) == 0.0 and cluster_se(conc, np.zeros(n)) == 0.0
+    for v in (conc, spread):
+        a = v.mean()
+        r = v - a
+        by_hand = np.sqrt(G / (G - 1) * sum(r[groups == g].sum() ** 2 for g in range(G))) / n
+        assert cluster_se(v, groups) == pytest.approx(by_hand, rel=1e-12)
+    iid = np.sqrt(conc.mean() * (1 - conc.mean()) / n)
+    assert cluster_se(conc, groups) > 1.5 * iid
+    assert cluster_se(spread, groups) < iid
+
+
+@pytest.mark.parametrize("concentrated", [True, False])
+def test_floor_margin_uses_validate_groups(concentrated):
+    """The floor's agreement bound is a - z max(iid se, cluster se) over ctx.validate_groups: the same flips give a
+    lower bound when they share one group than when each group has its own."""
+    from edgec.passes.floor import cluster_se
+
+    m = pm.chain()
+    n = 48
+    feeds = _feeds(n, seed=5)
+    ref_s = ort_session(m, optimize=False)
+    ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
+    cand = next(c for c in (_noisy(m, s) for s in (0.05, 0.1, 0.2, 0.4, 0.8))
+                if 0.6 < (np.concatenate([ort_session(c, optimize=False).run(None, f)[0] for f in feeds]).argmax(1)
+                          == ref.argmax(1)).mean() < 1.0)
+    out = np.concatenate([ort_session(cand, optimize=False).run(None, f)[0] for f in feeds])
+    kept = (out.argmax(1) == ref.argmax(1)).astype(float)
+    flips = np.flatnonzero(kept == 0)
+    groups = np.arange(n) % 4 + 1
+    if concentrated:
+        groups[flips] = 0  # every flip from one source
+    else:
+        groups[flips] = np.arange(len(flips)) % 4 + 1
+    ctx = PassContext(calib_batches=lambda: iter(feeds), validate_batches=lambda: iter(feeds), reference_model=m,
+                      validate_groups=groups)
+    fl = OutputFloor(ctx, FloorSpec(min_top1_agreement=0.5, cosine_scope="all", samples=n, standard_errors=1.0), m)
+    meas = fl.measure(cand)
+    a = kept.mean()
+    se = max(np.sqrt(a * (1 - a) / n), cluster_se(kept, groups))
+    assert meas["top1_agreement_bound"] == pytest.approx(a - se, abs=1e-6)
+    assert meas["groups"] == len(np.unique(groups))
+    if concentrated:
+        assert cluster_se(kept, groups) > np.sqrt(a * (1 - a) / n)
