@@ -29,7 +29,7 @@ from edgec.pipeline.guards import MemoryGuard, check_activation_budget, check_fi
 from edgec.pipeline.importer import load_onnx_file
 from edgec.pipeline.input_shapes import finish_dynamic, fix_input_shapes, parse_shapes, plan_input_shapes
 from edgec.core.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
-from edgec.pipeline.policy import enforce_policy, preprocess_record, reconcile_preprocess, stamp_preprocess
+from edgec.pipeline.policy import enforce_policy, prefer_faster, preprocess_record, reconcile_preprocess, stamp_preprocess
 from edgec.pipeline.recipe import load_recipe
 from edgec.pipeline.cluster import make_compile_probe
 from edgec.pipeline.runner import run_recipe, verify
@@ -166,25 +166,15 @@ def _compile_model(opts: CompileOptions) -> dict:
     verify(model, [calib.feeds(0)], stage="import", ran=())
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
-    cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
-    # numpy BLAS at one count from the machine alone (not --compile-threads, not the worker count), here and in
-    # every worker: the compiled bytes never depend on them (core.executor, "Numeric threads"). ORT's own
-    # evaluations use --compile-threads here; an executor task gets them shared among the workers
-    # (PassContext.task_threads); ORT's outputs do not depend on its thread count (tests/test_compile_threads.py).
-    blas = eval_threads(None)
-    executor = make_executor(opts.cluster, blas_threads=blas, warm=WORKER_MODULES)
-    cthreads = eval_threads(opts.compile_threads)
-    tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
-    ctx = _pass_context(opts, recipe, splits, reference, torch_module, target.dialect, cache_dir, tprobe, executor,
-                        concrete, cthreads)
-    ctx.blas_threads = blas
+    ctx, tprobe, cthreads = _run_context(opts, recipe, splits, reference, torch_module, target, concrete)
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     try:
         result = run_recipe(model, recipe, ctx)
+        final, policy = enforce_policy(result, ctx, recipe)
+        final = prefer_faster(result, ctx, final, policy)  # never slower than an earlier stage that meets the policy
     finally:
         if tprobe is not None:
             tprobe.close()  # a remote probe frees its device as soon as the passes are done
-    final, policy = enforce_policy(result, ctx, recipe)
     pre_rec = preprocess_record(pre, inputs, opts.data)
     final = stamp_preprocess(final, pre_rec)
     dynamic = None
@@ -250,6 +240,24 @@ def _write_reports(tmp: Path, report: dict, recipe, opts: CompileOptions, src_in
     manifest["preprocess"] = report["preprocess"]
     manifest.update(build.get("manifest", {}))
     rep.write_json(tmp / "manifest.json", manifest)
+
+
+def _run_context(opts, recipe, splits, reference, torch_module, target, concrete):
+    """(PassContext, the target's compile probe or None, the compile's ORT threads).
+
+    numpy's BLAS runs at one count from the machine alone (not --compile-threads, not the worker count), here and in
+    every worker: the compiled bytes never depend on them (core.executor, "Numeric threads"). ORT's own evaluations
+    use --compile-threads here; an executor task gets them shared among the workers (PassContext.task_threads);
+    ORT's outputs do not depend on its thread count (tests/test_compile_threads.py)."""
+    cache_dir = opts.cache_dir or str(Path(".cache") / "edgec")
+    blas = eval_threads(None)
+    executor = make_executor(opts.cluster, blas_threads=blas, warm=WORKER_MODULES)
+    cthreads = eval_threads(opts.compile_threads)
+    tprobe = make_compile_probe(executor, opts.target, opts.probe_device, opts.threads[0], cache_dir, concrete)
+    ctx = _pass_context(opts, recipe, splits, reference, torch_module, target.dialect, cache_dir, tprobe, executor,
+                        concrete, cthreads)
+    ctx.blas_threads = blas
+    return ctx, tprobe, cthreads
 
 
 def _pass_context(opts, recipe, splits, reference, torch_module, dialect, cache_dir, tprobe, executor, concrete,

@@ -168,6 +168,13 @@ def _policy_section(r: dict) -> list[str]:
               f"- policy: {thr}; met: {pol.get('met', '-')}; returned: output of pass '{pol.get('returned', '-')}'"]
         if pol.get("note"):
             L.append(f"- **{pol['note']}**")
+        g = pol.get("speed_guard") or {}
+        if g.get("checked"):
+            lat = ", ".join(f"{k} {v:.3f} ms" for k, v in g["latency_ms"].items())
+            L.append(f"- speed guard (stage outputs timed on the target, interleaved medians): {lat}; returned "
+                     f"'{g['returned']}'" + (f". **{g['note']}**" if g.get("note") else ""))
+        elif g:
+            L.append(f"- speed guard not run: {g.get('note', '')}")
         L.append("")
     sp = r.get("fidelity_splits") or {}
     if sp:
@@ -212,6 +219,7 @@ def summary_table(r: dict) -> str:
     if pol.get("policy"):
         rows.append(("fidelity policy", ", ".join(f"{k} {v}" for k, v in pol["policy"].items()) +
                      f" on validate: {'met' if pol.get('met') else 'NOT met'}" +
-                     (f" (returned pass '{pol['returned']}')" if pol.get("note") else "")))
+                     (f" (returned pass '{pol['returned']}')" if pol.get("note") or
+                      (pol.get("speed_guard") or {}).get("note") else "")))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
