@@ -29,7 +29,8 @@ from edgec.pipeline.guards import MemoryGuard, check_activation_budget, check_fi
 from edgec.pipeline.importer import load_onnx_file
 from edgec.pipeline.input_shapes import finish_dynamic, fix_input_shapes, parse_shapes, plan_input_shapes
 from edgec.core.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
-from edgec.pipeline.policy import enforce_policy, prefer_faster, preprocess_record, reconcile_preprocess, stamp_preprocess
+from edgec.pipeline.policy import (enforce_policy, prefer_faster, preprocess_record, reconcile_preprocess,
+                                   stamp_preprocess)
 from edgec.pipeline.recipe import load_recipe
 from edgec.pipeline.cluster import make_compile_probe
 from edgec.pipeline.runner import run_recipe, verify
@@ -305,7 +306,8 @@ WORKER_MODULES = ("numpy", "onnx", "onnxruntime", "edgec.passes.prune.evaluate",
 def eval_threads(requested: int | None, workers: int = 1) -> int:
     """Intra-op threads for the compile's own model evaluations (floors, activations, sensitivity, least squares,
     the fidelity report): `--compile-threads`, else the machine's cores shared among `workers` concurrent
-    processes (at most 4, at least 1). Latency probes and the benchmark keep `--threads`: those numbers are about the deployment.
+    processes (at most 4, at least 1). Latency probes and the benchmark keep `--threads`: those numbers are about the
+    deployment.
     ORT's CPU kernels partition work by output, so outputs are bitwise the same at any thread count (checked in
     tests/test_compile_threads.py); choices do not depend on it."""
     if requested is not None:

@@ -83,7 +83,8 @@ def prefer_faster(result, ctx, model: onnx.ModelProto, rec: dict, *, margin: flo
     mixed-precision EfficientNet-B0 at 0.90x. Adds rec["speed_guard"]; without a probe (no device for the target
     here) the chosen model stays and the record says why."""
     if ctx.fidelity is None or not ctx.fidelity.active:
-        rec["speed_guard"] = {"checked": False, "note": "the recipe sets no fidelity policy: it returns what it asked for"}
+        rec["speed_guard"] = {"checked": False,
+                              "note": "the recipe sets no fidelity policy: it returns what it asked for"}
         return model
     probe = getattr(ctx, "target_probe", None)
     models, names = list(result.models), [s.name for s in result.stages]

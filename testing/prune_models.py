@@ -140,6 +140,20 @@ class GraphBuilder:
 
 # ----------------------------------------------------------------------------------------------- graphs
 
+def noisy_copy(m: onnx.ModelProto, scale: float, seed: int = 0) -> onnx.ModelProto:
+    """A copy of `m` with Gaussian noise (relative `scale`: times each tensor's std) on every float initializer of
+    rank >= 2: a stand-in for a lossy pass whose damage a test controls."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    r = np.random.default_rng(seed)
+    for t in out.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32 and a.ndim >= 2:
+            t.CopyFrom(numpy_helper.from_array((a + scale * a.std() * r.standard_normal(a.shape)).astype(np.float32),
+                                               t.name))
+    return out
+
+
 def chain(bias: bool = True, act: str = "relu") -> onnx.ModelProto:
     b = GraphBuilder()
     x = b.act(b.conv("input", 3, 8, bias=bias), act)

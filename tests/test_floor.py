@@ -200,21 +200,6 @@ def test_prune_fidelity_probe_reads_the_head_behind_topk():
     assert abs(probe(cand) - direct) < 1e-5 and direct < 0.999
 
 
-def _noisy(m: onnx.ModelProto, scale: float, seed: int = 0) -> onnx.ModelProto:
-    """A copy of `m` with Gaussian noise (relative `scale`) on every float initializer of rank >= 2."""
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    r = np.random.default_rng(seed)
-    for t in out.graph.initializer:
-        a = numpy_helper.to_array(t)
-        if a.dtype == np.float32 and a.ndim >= 2:
-            t.CopyFrom(numpy_helper.from_array((a + scale * a.std() * r.standard_normal(a.shape)).astype(np.float32),
-                                               t.name))
-    return out
-
-
 @pytest.mark.parametrize("z", [0.0, 1.0, 2.0])
 def test_standard_error_margin_on_agreement_accuracy_and_cosine(z):
     """The gate compares a - z sqrt(a(1-a)/n), the paired drop 100((b-f) + z sqrt(b+f))/n and mean cosine - z sem
@@ -226,7 +211,7 @@ def test_standard_error_margin_on_agreement_accuracy_and_cosine(z):
     ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
     labels = ref.argmax(1).copy()
     labels[::3] = (labels[::3] + 1) % ref.shape[1]  # the reference is right on 2/3 of the samples
-    cand = next(c for c in (_noisy(m, s) for s in (0.05, 0.1, 0.2, 0.4, 0.8))
+    cand = next(c for c in (pm.noisy_copy(m, s) for s in (0.05, 0.1, 0.2, 0.4, 0.8))
                 if 0.6 < (np.concatenate([ort_session(c, optimize=False).run(None, f)[0] for f in feeds]).argmax(1)
                           == ref.argmax(1)).mean() < 1.0)
     out = np.concatenate([ort_session(cand, optimize=False).run(None, f)[0] for f in feeds])
@@ -297,7 +282,7 @@ def test_floor_margin_uses_validate_groups(concentrated):
     feeds = _feeds(n, seed=5)
     ref_s = ort_session(m, optimize=False)
     ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
-    cand = next(c for c in (_noisy(m, s) for s in (0.05, 0.1, 0.2, 0.4, 0.8))
+    cand = next(c for c in (pm.noisy_copy(m, s) for s in (0.05, 0.1, 0.2, 0.4, 0.8))
                 if 0.6 < (np.concatenate([ort_session(c, optimize=False).run(None, f)[0] for f in feeds]).argmax(1)
                           == ref.argmax(1)).mean() < 1.0)
     out = np.concatenate([ort_session(cand, optimize=False).run(None, f)[0] for f in feeds])

@@ -6,7 +6,6 @@ validate split; only the latencies come from a table, so each case states which 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
 import edgec.testing.prune_models as pm
@@ -14,20 +13,6 @@ from edgec.passes.base import PassContext
 from edgec.passes.floor import FloorSpec
 from edgec.pipeline.policy import prefer_faster
 from edgec.pipeline.runner import RunResult, StageRecord
-
-
-def _noisy(m: onnx.ModelProto, scale: float) -> onnx.ModelProto:
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    r = np.random.default_rng(1)
-    for t in out.graph.initializer:
-        a = numpy_helper.to_array(t)
-        if a.dtype == np.float32 and a.ndim >= 2:
-            t.CopyFrom(numpy_helper.from_array((a + scale * a.std() * r.standard_normal(a.shape)).astype(np.float32),
-                                               t.name))
-    return out
 
 
 class TableProbe:
@@ -50,8 +35,9 @@ def _setup(lat: dict[str, float], prune_noise: float, quant_noise: float, policy
     ref = pm.chain()
     r = np.random.default_rng(3)
     feeds = [{"input": r.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(32)]
-    stages = [("normalize", True, ref), ("cleanup", True, ref), ("prune", False, _noisy(ref, prune_noise)),
-              ("quant", False, _noisy(ref, quant_noise))]
+    stages = [("normalize", True, ref), ("cleanup", True, ref),
+              ("prune", False, pm.noisy_copy(ref, prune_noise, seed=1)),
+              ("quant", False, pm.noisy_copy(ref, quant_noise, seed=1))]
     res = RunResult(model=stages[-1][2], stages=[_stage(n, e) for n, e, _ in stages], models=[m for *_, m in stages])
     probe = TableProbe({id(m): lat[n] for n, _, m in stages if n in lat})
     spec = FloorSpec(min_cosine=0.999, cosine_scope="all", samples=32) if policy else None
