@@ -72,8 +72,8 @@ def run_one(name: str, target: float, criterion: str | None, out_root: str, time
     out = Path(out_root) / name
     t0 = time.time()
     try:
-        p = subprocess.run(compile_cmd(name, target, criterion, out, compile_threads), cwd=ROOT, capture_output=True, text=True,
-                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        p = subprocess.run(compile_cmd(name, target, criterion, out, compile_threads), cwd=ROOT, capture_output=True,
+                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except subprocess.TimeoutExpired:
         return {"model": name, "ok": False, "refused": False, "wall_seconds": time.time() - t0,
                 "reason": f"not finished within {timeout:.0f} s"}

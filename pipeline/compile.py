@@ -29,8 +29,7 @@ from edgec.pipeline.guards import MemoryGuard, check_activation_budget, check_fi
 from edgec.pipeline.importer import load_onnx_file
 from edgec.pipeline.input_shapes import finish_dynamic, fix_input_shapes, parse_shapes, plan_input_shapes
 from edgec.core.onnx_io import graph_input_names, model_bytes, np_dtype, ort_session, save_onnx, staged_dir
-from edgec.pipeline.policy import (enforce_policy, prefer_faster, preprocess_record, reconcile_preprocess,
-                                   stamp_preprocess)
+from edgec.pipeline.policy import enforce_policy, preprocess_record, reconcile_preprocess, stamp_preprocess
 from edgec.pipeline.recipe import load_recipe
 from edgec.pipeline.cluster import make_compile_probe
 from edgec.pipeline.runner import run_recipe, verify
@@ -171,8 +170,8 @@ def _compile_model(opts: CompileOptions) -> dict:
     _progress(f"running recipe '{recipe.name}': {' -> '.join(s.name for s in recipe.steps) or '(no passes)'}")
     try:
         result = run_recipe(model, recipe, ctx)
+        # the policy, then the speed guard: never slower than an earlier stage that meets it (pipeline/policy.py)
         final, policy = enforce_policy(result, ctx, recipe)
-        final = prefer_faster(result, ctx, final, policy)  # never slower than an earlier stage that meets the policy
     finally:
         if tprobe is not None:
             tprobe.close()  # a remote probe frees its device as soon as the passes are done

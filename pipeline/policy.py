@@ -40,14 +40,16 @@ def _summary(meas: dict) -> str:
 
 def enforce_policy(result, ctx, recipe) -> tuple[onnx.ModelProto, dict]:
     """(model to emit, the report's fidelity_policy record): the recipe's result if it meets the policy on the
-    validate split, else the latest stage output that does (stages are tried from the last to the first)."""
+    validate split, else the latest stage output that does (stages are tried from the last to the first); then
+    the speed guard (prefer_faster) may return an earlier stage output that also meets it and runs faster."""
     spec = ctx.fidelity
     if spec is None or not spec.active:
         return result.model, {"policy": None, "note": "the recipe sets no fidelity policy"}
     floor = OutputFloor(ctx, spec, result.model)
     rec = {"policy": dict(recipe.fidelity), **floor.describe()} if floor.active else {"policy": dict(recipe.fidelity)}
     if not floor.active:
-        return result.model, {**rec, "met": True, "note": "no output of this model is in the policy's scope"}
+        rec = {**rec, "met": True, "note": "no output of this model is in the policy's scope"}
+        return prefer_faster(result, ctx, result.model, rec, floor), rec
     names = [s.name for s in result.stages]
     models = list(result.models) or [result.model]
     tried = []
@@ -70,10 +72,12 @@ def enforce_policy(result, ctx, recipe) -> tuple[onnx.ModelProto, dict]:
                     f"({_summary(tried[-1])}); returning it")
         rec["note"] = note
         log.warning(note)
-    return models[chosen], rec
+    known = {len(models) - 1 - k: t["met"] for k, t in enumerate(tried)}  # stage index -> measured verdict
+    return prefer_faster(result, ctx, models[chosen], rec, floor, known), rec
 
 
-def prefer_faster(result, ctx, model: onnx.ModelProto, rec: dict, *, margin: float = 0.03) -> onnx.ModelProto:
+def prefer_faster(result, ctx, model: onnx.ModelProto, rec: dict, floor: OutputFloor | None = None,
+                  known: dict[int, bool] | None = None, *, margin: float = 0.03) -> onnx.ModelProto:
     """Speed is the objective: a compile never returns a model slower than a stage before it that also meets the
     policy (recipes with a `fidelity:` policy; one without returns what it asked for). The candidates are the chosen
     model, the output of the last exact stage (the FP32 cleanup: the original's function) and every lossy stage
@@ -81,7 +85,8 @@ def prefer_faster(result, ctx, model: onnx.ModelProto, rec: dict, *, margin: flo
     bytes), and the fastest that meets the policy wins; within `margin` of it the recipe's result is preferred, then
     the exact stage. Measured without it: a quantized SqueezeNet 1.1 ran at 0.61x its FP32 original, a
     mixed-precision EfficientNet-B0 at 0.90x. Adds rec["speed_guard"]; without a probe (no device for the target
-    here) the chosen model stays and the record says why."""
+    here) the chosen model stays and the record says why. enforce_policy calls it with its `floor` and the verdicts
+    it already measured (`known`: stage index -> met), so no stage is measured twice."""
     if ctx.fidelity is None or not ctx.fidelity.active:
         rec["speed_guard"] = {"checked": False,
                               "note": "the recipe sets no fidelity policy: it returns what it asked for"}
@@ -99,12 +104,13 @@ def prefer_faster(result, ctx, model: onnx.ModelProto, rec: dict, *, margin: flo
         rec["speed_guard"] = {"checked": False, "note": "no earlier stage to compare with"}
         return model
     lat = dict(zip(cands, probe.compare_latency_ms([models[i] for i in cands])))
-    floor = OutputFloor(ctx, ctx.fidelity, model)
-    memo: dict[int, bool] = {}
+    floor = floor if floor is not None else OutputFloor(ctx, ctx.fidelity, model)
+    memo: dict[int, bool] = dict(known or {})
+    memo[idx] = True  # the model enforce_policy chose
 
     def meets(i: int) -> bool:
         if i not in memo:
-            memo[i] = i == idx or result.stages[i].exact or not floor.active or floor.ok(floor.measure(models[i]))
+            memo[i] = result.stages[i].exact or not floor.active or floor.ok(floor.measure(models[i]))
         return memo[i]
 
     best = next(i for i in sorted(cands, key=lambda i: (lat[i], -i)) if meets(i))

@@ -109,7 +109,7 @@ def test_image_folder_labels_and_duplicate_files(tmp_path):
 
 
 @pytest.mark.parametrize("split", ["fit", "validate", "eval"])
-def test_bundled_split_groups_name_each_samples_photograph(split):
+def test_bundled_split_groups_name_each_samples_photograph(split, monkeypatch):
     """groups[i] indexes the photograph sample i was cropped from (natural photographs scheduled three times as
     often as textures), so the floor's margin can treat crops of one photograph as one source."""
     from edgec.calib import data as D
@@ -119,5 +119,13 @@ def test_bundled_split_groups_name_each_samples_photograph(split):
     sp = D.bundled_split(split, 40, inp, D.Preprocess(height=32, width=32), seed=0)
     assert sp.groups is not None and len(sp.groups) == 40
     assert set(sp.groups.tolist()) == set(range(len(photos)))
-    sched = list(photos) if split == "eval" else D._schedule(photos)
-    assert [photos[g] for g in sp.groups] == [sched[i % len(sched)] for i in range(40)]
+    # which photograph each sample is really cropped from: record the first _photo call that makes it
+    calls: list[str] = []
+    real = D._photo
+    monkeypatch.setattr(D, "_photo", lambda name: (calls.append(name), real(name))[1])
+    firsts = []
+    for i in range(40):
+        calls.clear()
+        sp.make(i)
+        firsts.append(calls[0])
+    assert [photos[g] for g in sp.groups] == firsts
