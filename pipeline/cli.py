@@ -77,7 +77,8 @@ def _add_compile_args(p: argparse.ArgumentParser, *, bench_default: bool, runs_d
     g.add_argument("--validate-samples", type=int, default=128,
                    help="validate split: what every fidelity decision is gated on (default: 128; the policy's "
                    "standard_errors margin shrinks as 1/sqrt(n))")
-    g.add_argument("--eval-samples", type=int, default=128, help="eval split: held out, for the report only")
+    g.add_argument("--eval-samples", type=int, default=256,
+                   help="eval split: held out, for the report only (default: 256)")
     g.add_argument("--mean", type=_floats, help="preprocessing mean, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", type=_floats, help="preprocessing std")
     g.add_argument("--layout", choices=["NCHW", "NHWC"])

@@ -52,7 +52,7 @@ class CompileOptions:
     data: str | None = None
     calib_samples: int = 64     # fit split
     validate_samples: int = 128  # validate split: fidelity decisions
-    eval_samples: int = 128     # eval split: the report
+    eval_samples: int = 256     # eval split: the report
     threads: tuple[int, ...] = (1, 2)
     compile_threads: int | None = None  # ORT/BLAS threads for the compile's own evaluations; None: auto (see below)
     seed: int = 0

@@ -16,6 +16,7 @@ original model on the validate split (samples no pass fitted to):
       min_cosine: 0.99           # every output in scope, or {output_name: cosine}
       cosine_scope: dense_models # all | dense_models (cosine only for models with a non-classifier output)
       standard_errors: 1.0       # sampling margin: each figure is moved this many standard errors toward failing
+      fit_veto: true             # the thresholds must also hold (plain figures) on the fit samples
 
 Passes carry no copy of these knobs: a pass option of that name in a recipe is an error.
 `--set pass.option=value` overrides an option of a pass in the recipe and `--set fidelity.key=value` the policy;
@@ -36,7 +37,8 @@ from edgec.core.errors import EdgecError
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # edgec.recipes (package_dir maps it)
 _TOP_KEYS = {"name", "description", "passes", "fidelity"}
 _STEP_KEYS = {"name", "options"}
-FIDELITY_KEYS = ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope", "standard_errors")
+FIDELITY_KEYS = ("min_top1_agreement", "max_accuracy_drop", "min_cosine", "cosine_scope", "standard_errors",
+                 "fit_veto")
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Recipe:
         f = self.fidelity
         return FloorSpec(f.get("min_top1_agreement"), f.get("max_accuracy_drop"), f.get("min_cosine"),
                          f.get("cosine_scope", "dense_models"), max(int(samples), 1),
-                         standard_errors=f.get("standard_errors", 0.0))
+                         standard_errors=f.get("standard_errors", 0.0), fit_veto=f.get("fit_veto", False))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -172,7 +174,8 @@ def _fidelity_block(raw) -> dict:
     out = {k: v for k, v in raw.items() if v is not None}
     try:
         FloorSpec(out.get("min_top1_agreement"), out.get("max_accuracy_drop"), out.get("min_cosine"),
-                  out.get("cosine_scope", "dense_models"), standard_errors=out.get("standard_errors", 0.0))
+                  out.get("cosine_scope", "dense_models"), standard_errors=out.get("standard_errors", 0.0),
+                  fit_veto=out.get("fit_veto", False))
     except ValueError as e:
         raise EdgecError(f"bad fidelity policy: {e}") from None
     return out

@@ -303,3 +303,53 @@ def test_floor_margin_uses_validate_groups(concentrated):
     assert meas["groups"] == len(np.unique(groups))
     if concentrated:
         assert cluster_se(kept, groups) > np.sqrt(a * (1 - a) / n)
+
+
+@pytest.mark.parametrize("clause", ["top1", "cosine"])
+def test_fit_veto_refuses_what_misses_the_floor_on_fitted_samples(clause):
+    """Validate samples on which a noisy copy keeps every prediction (or its cosine), fit samples on which it does
+    not: without the veto the floor holds; with fit_veto the plain fit figure (recomputed here from ORT outputs,
+    optimizations off) is below the threshold and the floor refuses; the unchanged model passes either way."""
+    m = pm.chain() if clause == "top1" else dense_model()
+    pool = _feeds(160, seed=11)
+    ref_s = ort_session(m, optimize=False)
+    ref = [ref_s.run(None, f)[0] for f in pool]
+
+    def scores(c):
+        sess = ort_session(c, optimize=False)
+        out = [sess.run(None, f)[0] for f in pool]
+        if clause == "top1":
+            return np.array([float(o.argmax() == r.argmax()) for o, r in zip(out, ref)])
+        return np.array([float(o.ravel() @ r.ravel() / np.linalg.norm(o) / np.linalg.norm(r)) for o, r in zip(out, ref)])
+
+    cand, score = next((c, sc) for c in (pm.noisy_copy(m, s) for s in (0.05, 0.1, 0.2, 0.4, 0.5, 0.6, 0.7))
+                       for sc in [scores(c)] if (12 <= sc.sum() <= len(pool) - 12 if clause == "top1" else
+                                                   np.sort(sc)[:12].mean() < np.sort(sc)[-12:].min() - 0.005))
+    order = np.argsort(-score)
+    val = [pool[i] for i in order[:12]]
+    fit = [pool[i] for i in order[-12:]]
+    fit_score = float(score[order[-12:]].mean())
+    thr = float(score[order[:12]].min()) - 1e-3  # validate holds it on every sample
+    assert fit_score < thr
+    ctx = PassContext(calib_batches=lambda: iter(fit), validate_batches=lambda: iter(val), reference_model=m)
+    kw = {"min_top1_agreement": thr} if clause == "top1" else {"min_cosine": thr}
+    for veto in (False, True):
+        fl = OutputFloor(ctx, FloorSpec(**kw, cosine_scope="all", samples=12, fit_veto=veto), m)
+        meas = fl.measure(cand)
+        assert fl.ok(meas) == (not veto)
+        assert fl.ok(fl.measure(m))
+        if veto:
+            got = meas["fit"]["top1_agreement"] if clause == "top1" else meas["fit"]["cosine"]["output"]
+            assert got == pytest.approx(fit_score, abs=1e-5) and meas["fit"]["samples"] == 12
+        else:
+            assert "fit" not in meas
+
+
+def test_fit_veto_is_a_policy_key():
+    """`fit_veto` is read from a recipe's fidelity block (and --set fidelity.fit_veto), rejected when not a bool."""
+    from edgec.pipeline.recipe import load_recipe
+
+    rec = load_recipe("default")
+    assert rec.floor_spec(64).fit_veto is True
+    with pytest.raises(ValueError):
+        FloorSpec(min_top1_agreement=0.9, fit_veto="yes")
