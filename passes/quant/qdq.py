@@ -35,7 +35,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgec.calib.ranges import QParams, expand_scales, qmax, qparams, quantize_weight
+from edgec.calib.rounding import GptqRounder
 from edgec.core.graph import Graph, node_name, opset, subgraphs
+from edgec.passes.quant import gptq
 from edgec.passes.quant.dialect import ORT_CPU, QuantDialect
 # the placement policy; Layer, find_layers, output_point and plan_activations stay importable from here
 from edgec.passes.quant.placement import LAYER_OPS, Layer, find_layers, output_point, plan_activations  # noqa: F401
@@ -128,6 +130,7 @@ class _QWeight:
     s_name: str
     index: int  # position of the quantized weight in _Emit.inits; its scale sits at index + 2 for 8 bits
     qmax: int = 127  # largest code: 127, or 63 under the dialect's weight_reduce_range
+    gptq: bool = False  # rounded with error compensation (calib.rounding) rather than to nearest
 
 
 def _model_names(model: onnx.ModelProto) -> set[str]:
@@ -158,11 +161,14 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
                dialect: QuantDialect = ORT_CPU, *, weight_method: str = "minmax",
                input_means: dict[str, np.ndarray] | None = None, bias_correction: bool = True,
                layers: list[Layer] | None = None, weight_only: bool = False,
-               bias_shift: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict]:
+               bias_shift: dict[str, np.ndarray] | None = None,
+               rounder: GptqRounder | None = None) -> tuple[onnx.ModelProto, dict]:
     """Emit the Q/DQ graph for per-layer `bits` ({layer name: bits}, missing = 32).
 
     weight_only=True: 8-bit layers get int8 weights only (no activation Q/DQ, float bias): size-only compression.
     bias_shift: {layer: per-output-channel vector} added to the layer's bias (empirical bias correction).
+    rounder: input second moments per layer (`calib.gram`, `calib.rounding.GptqRounder`): those layers' per-channel
+        integer weights are rounded with error compensation (GPTQ) instead of to nearest; same scales.
 
     act_ranges must cover every tensor `plan_activations` returns (clip ranges [lo, hi]). Returns (model, info)
     with info = {"layers": {name: {...}}, "activations": {tensor: {scale, zero_point}}}.
@@ -179,7 +185,7 @@ def insert_qdq(model: onnx.ModelProto, bits: dict[str, int], act_ranges: dict[st
     act_info, out_rename = _emit_activations(m, gi, em, q_tensors, qp, bits, by_name, dialect)
     info_layers = _emit_weights(gi, em, layers, bits, qp, dialect, weight_method=weight_method,
                                 input_means=input_means, bias_correction=bias_correction, bias_shift=bias_shift,
-                                int32_bias=int32_bias)
+                                int32_bias=int32_bias, rounder=rounder)
     _splice(m, gi, em, out_rename)
     return m, {"layers": info_layers, "activations": act_info}
 
@@ -284,7 +290,7 @@ def _emit_per_channel_dq(em: _Emit, t: str, tq: str, p: QParams, c: int) -> str:
 # ----------------------------------------------------------------------------- weights and biases
 def _emit_weights(gi: Graph, em: _Emit, layers: list[Layer], bits: dict[str, int], qp: dict[str, QParams],
                   dialect: QuantDialect, *, weight_method: str, input_means: dict | None, bias_correction: bool,
-                  bias_shift: dict | None, int32_bias: bool) -> dict[str, dict]:
+                  bias_shift: dict | None, int32_bias: bool, rounder: GptqRounder | None = None) -> dict[str, dict]:
     """Each non-fp32 layer's weight (fp16 + Cast, or int8 / int4 + DequantizeLinear) and bias; returns layer info."""
     node_index = {node_name(n, ni): ni for ni, n in enumerate(gi.nodes)
                   if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in gi.inits}
@@ -301,9 +307,10 @@ def _emit_weights(gi: Graph, em: _Emit, layers: list[Layer], bits: dict[str, int
             _emit_fp16_weight(em, L, ni, w)
             entry["weight_dtype"] = "float16"
             continue
-        qw = _emit_int_weight(em, L, ni, w, b, dialect, weight_method)
+        qw = _emit_int_weight(em, L, ni, w, b, dialect, weight_method,
+                              rounder if rounder is not None and L.name in rounder else None)
         entry.update(weight_dtype="int8" if b == 8 else "int4", scheme="per-block" if qw.block else "per-channel",
-                     block_size=qw.block, axis=qw.axis,
+                     block_size=qw.block, axis=qw.axis, rounding="gptq" if qw.gptq else "nearest",
                      weight_rel_err=float(np.linalg.norm(qw.wq - w) / max(np.linalg.norm(w), 1e-12)))
         if L.op == "MatMul":  # no bias input to carry a correction
             continue
@@ -324,15 +331,20 @@ def _emit_fp16_weight(em: _Emit, L: Layer, ni: int, w: np.ndarray) -> None:
 
 
 def _emit_int_weight(em: _Emit, L: Layer, ni: int, w: np.ndarray, b: int, dialect: QuantDialect,
-                     weight_method: str) -> _QWeight:
+                     weight_method: str, rounder: GptqRounder | None = None) -> _QWeight:
     """int8 per-channel, or int4 per-channel / per-block (Gemm/MatMul reductions over the block size), through a
-    DequantizeLinear the layer reads as its weight."""
+    DequantizeLinear the layer reads as its weight; per-channel weights are rounded by `rounder` (GPTQ) if given."""
     block = None
     axis = L.channel_axis
     if b < 8 and L.op in ("Gemm", "MatMul") and L.w_shape[L.reduce_axis] > dialect.int4_block_size:
         block, axis = dialect.int4_block_size, L.reduce_axis
     qbits = 7 if b == 8 and dialect.weight_reduce_range else b  # 8-bit storage, 7-bit range (see the dialect)
     q, s = quantize_weight(w, qbits, axis=axis, block=block, method=weight_method)
+    use_gram = rounder is not None and block is None
+    if use_gram:
+        rows = gptq.to_rows(w, L)
+        q = gptq.from_rows(rounder.round(L.name, rows, s.reshape(rows.shape[:2]), qmax(qbits)), L, w.shape)
+        q = q.astype(np.int8)
     wq_name, ws_name = em.uniq(f"{L.weight}_quantized"), em.uniq(f"{L.weight}_scale")
     dq_out = em.uniq(f"{L.weight}_DequantizeLinear")
     qi = len(em.inits)  # index of the quantized weight; its scale is appended last
@@ -351,7 +363,7 @@ def _emit_int_weight(em: _Emit, L: Layer, ni: int, w: np.ndarray, b: int, dialec
     em.after[""].append(helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=em.uniq(f"{L.name}_w_DQ"), **kw))
     em.rename[(ni, 1)] = dq_out
     wq = (q.astype(np.float32) * expand_scales(s, w.shape, axis=axis, block=block)).astype(np.float32)
-    return _QWeight(q, s, wq, block, axis, wq_name, ws_name, qi, qmax(qbits))
+    return _QWeight(q, s, wq, block, axis, wq_name, ws_name, qi, qmax(qbits), use_gram)
 
 
 def _fit_bias(gi: Graph, em: _Emit, L: Layer, w: np.ndarray, b: int, qw: _QWeight, entry: dict,
@@ -380,7 +392,8 @@ def _fit_bias(gi: Graph, em: _Emit, L: Layer, w: np.ndarray, b: int, qw: _QWeigh
             break
         qw.s = np.where(bad, need, qw.s).astype(np.float32)
         full = expand_scales(qw.s, w.shape, axis=qw.axis, block=None)
-        qw.q = np.clip(np.round(w / full), -qw.qmax, qw.qmax).astype(np.int8)
+        qw.q = np.clip(np.round(w / full), -qw.qmax, qw.qmax).astype(np.int8)  # new scales: round to nearest
+        qw.gptq = False
         qw.wq = (qw.q.astype(np.float32) * full).astype(np.float32)
         em.inits[qw.index] = numpy_helper.from_array(qw.q, qw.q_name)
         em.inits[qw.index + 2] = numpy_helper.from_array(qw.s, qw.s_name)

@@ -6,7 +6,9 @@ measure per-layer sensitivity S_{l,b} one layer at a time (cached) and solve the
 (passes.quant.allocate) under target_size_bytes | target_bits_per_weight | target_latency_ms | target_speedup;
 latency costs come from ctx.target_probe.layer_latency_table (measured on the target) or, without a probe,
 from a MAC proxy (int8 = 0.5x fp32 per MAC), which the stats say -> emit Q/DQ (passes.quant.qdq) with bias
-correction -> with a probe, re-measure the whole model and tighten the latency budget until it is met ->
+correction; integer weights round to nearest, or with `rounding: gptq` by error compensation against each layer's
+input second moment H = sum x x^T on fit samples (calib.gram, calib.rounding: minimises ||(W_q - W) X||^2 with the
+scales unchanged; sensitivity trials keep round-to-nearest) -> with a probe, re-measure the whole model and tighten the latency budget until it is met ->
 fidelity floor (the recipe's fidelity policy, or the pass's own floor options without one; measured on the validate
 split, passes/floor.py): promote layers (with a budget: the most sensitivity removed per unit of budget spent;
 without: the most sensitive, measured for this) until the floor holds; never return a model below it -> kernel
@@ -24,7 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from edgec.calib.gram import collect_grams
 from edgec.calib.ranges import ESTIMATORS
+from edgec.calib.rounding import GptqRounder
 from edgec.calib.stats import collect_stats
 from edgec.core.errors import EdgecError
 from edgec.core.graph import node_name
@@ -34,6 +38,7 @@ from edgec.passes.regions import find_postprocess
 from edgec.passes.quant import allocate
 from edgec.passes.quant.budget import budget_costs, meet_latency, solve_budget
 from edgec.passes.quant.dialect import ORT_CPU, QuantDialect
+from edgec.passes.quant.gptq import gram_specs
 from edgec.passes.quant.qdq import Layer, find_layers, fold_pads, op_counts, plan_activations, weight_bits
 from edgec.passes.quant.run import QuantRun, hist
 
@@ -52,6 +57,8 @@ class QuantOptions:
     calibration: str = "mse"
     percentile: float = 99.999
     weight_method: str = "minmax"                # minmax | mse (per-channel clip)
+    rounding: str = "nearest"                    # nearest | gptq (error-compensated, calib.rounding)
+    rounding_samples: int = 32                   # fit samples for gptq's input second moments
     metric: str = "kl"                           # kl | mse
     calib_samples: int = 64
     sensitivity_samples: int = 16
@@ -84,6 +91,8 @@ class QuantOptions:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
         if self.weight_method not in ("minmax", "mse"):
             raise ValueError("weight_method must be minmax or mse")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError("rounding must be nearest or gptq")
         if self.metric not in ("kl", "mse"):
             raise ValueError("metric must be kl or mse")
         if self.bits is not None:
@@ -99,7 +108,7 @@ class QuantOptions:
         if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
             raise ValueError("min_top1_agreement is a fraction in [0, 1]")
         self.floor_spec  # validates the floor options
-        for nm in ("calib_samples", "sensitivity_samples", "floor_samples"):
+        for nm in ("calib_samples", "sensitivity_samples", "floor_samples", "rounding_samples"):
             if not isinstance(getattr(self, nm), int) or getattr(self, nm) <= 0:
                 raise ValueError(f"{nm} must be a positive integer, got {getattr(self, nm)!r}")
 
@@ -170,7 +179,8 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     _check_layer_names(layers, opts)
     cands = candidate_bits(layers, dialect, opts)
     ranges, means = _calibrate(m, layers, cands, dialect, ctx, opts, stats)
-    run = QuantRun(m, layers, cands, dialect, ctx, opts, stats, ranges, means)
+    run = QuantRun(m, layers, cands, dialect, ctx, opts, stats, ranges, means,
+                   _rounder(m, layers, ctx, opts, stats))
     sens: dict[str, dict[int, float]] = {}
     cost: dict[str, dict[int, float]] | None = None  # the budget's per-layer costs (None without a budget)
     solution = None
@@ -195,6 +205,19 @@ def quant(model: onnx.ModelProto, ctx: PassContext, opts: QuantOptions) -> PassR
     bits, qm, info = _kernel_check(run, bits, qm, info)
     stats.update(_summary(layers, bits, dialect, sens, solution, qm, info))
     return PassResult(qm, True, stats)
+
+
+def _rounder(m: onnx.ModelProto, layers: list[Layer], ctx: PassContext, opts: QuantOptions,
+             stats: dict) -> GptqRounder | None:
+    """Input second moments for error-compensated rounding (rounding: gptq), on fit samples; None: nearest."""
+    if opts.rounding != "gptq":
+        return None
+    specs = gram_specs(m, layers)
+    ctx.progress(f"quant: input second moments of {len(specs)} layers on {opts.rounding_samples} samples (gptq)")
+    grams = collect_grams(m, specs, ctx.calib_batches(), limit=opts.rounding_samples, threads=ctx.threads)
+    stats["rounding"] = {"method": "gptq", "samples": opts.rounding_samples, "layers": len(grams),
+                         "nearest": sorted(L.name for L in layers if L.name not in grams)}
+    return GptqRounder(grams)
 
 
 def _keep_postprocess_fp32(m: onnx.ModelProto, layers: list[Layer], ctx: PassContext, opts: QuantOptions,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgec.calib.rounding import GptqRounder
 from edgec.passes.base import PassContext
 from edgec.passes.quant.dialect import QuantDialect
 from edgec.passes.quant.qdq import Layer, insert_qdq
@@ -30,6 +31,7 @@ class QuantRun:
     stats: dict
     ranges: dict[str, tuple[float, float]]
     means: dict[str, np.ndarray]
+    rounder: GptqRounder | None = None  # error-compensated rounding (calib.rounding); None: round to nearest
     recent: dict[tuple, tuple[onnx.ModelProto, dict]] = field(default_factory=dict)
 
     def build(self, bits: dict[str, int]) -> tuple[onnx.ModelProto, dict]:
@@ -39,7 +41,7 @@ class QuantRun:
             self.recent[key] = insert_qdq(self.m, {k: v for k, v in bits.items() if v != 32}, self.ranges,
                                           self.dialect, weight_method=self.opts.weight_method,
                                           input_means=self.means, bias_correction=self.opts.bias_correction,
-                                          layers=self.layers)
+                                          layers=self.layers, rounder=self.rounder)
             while len(self.recent) > 2:
                 del self.recent[next(iter(self.recent))]
         return self.recent[key]
