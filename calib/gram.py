@@ -8,6 +8,7 @@ ONNX Runtime one at a time (`calib.activations.stream_activations`) and are redu
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,14 +69,7 @@ def collect_grams(model: onnx.ModelProto, specs: dict[str, GramSpec], feeds: Ite
     """{layer: H [group, d, d] (float64)} over the first `limit` feeds, streamed."""
     inputs = list(dict.fromkeys(s.input for s in specs.values()))
     out: dict[str, np.ndarray] = {}
-
-    def _limited():
-        for i, f in enumerate(feeds):
-            if limit is not None and i >= limit:
-                return
-            yield f
-
-    for acts in stream_activations(model, inputs, _limited(), threads=threads):
+    for acts in stream_activations(model, inputs, itertools.islice(feeds, limit), threads=threads):
         for name, spec in specs.items():
             v = input_vectors(acts[spec.input], spec)
             h = np.matmul(v, v.transpose(0, 2, 1)).astype(np.float64)
