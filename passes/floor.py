@@ -291,29 +291,27 @@ class OutputFloor:
                                        for n in self.cosine_outputs}
         if self.taps and not self.gate_taps:
             out["decode_inputs_cosine"] = {n: round(per[n]["cosine"], 6) for n in self.tap_names}
-        if self.fit_feeds:
+        if self.fit_feeds and self.ok(out):  # the veto can only refuse: not measured where validate already does
             out["fit"] = self._fit_figures(model)
         return out
 
     def ok(self, m: dict) -> bool:
-        """Whether measure()'s record holds the floor (on the margin-adjusted figures when standard_errors > 0)."""
-        sp = self.spec
-        agree = m.get("top1_agreement_bound", m.get("top1_agreement"))
-        if sp.min_top1_agreement is not None and agree is not None and agree < sp.min_top1_agreement:
-            return False
-        drop = m.get("accuracy_drop_bound", m.get("accuracy_drop", 0.0))
-        if sp.max_accuracy_drop is not None and drop > sp.max_accuracy_drop:
-            return False
-        cos = m.get("cosine_bound", m.get("cosine", {}))
-        if sp.min_cosine is not None and any(c < sp.cosine_floor(n) for n, c in cos.items()):
+        """Whether measure()'s record holds the floor (on the margin-adjusted figures when standard_errors > 0, and
+        on the plain fit figures under the fit veto)."""
+        if not self._holds(m.get("top1_agreement_bound", m.get("top1_agreement")),
+                           m.get("accuracy_drop_bound", m.get("accuracy_drop")),
+                           m.get("cosine_bound", m.get("cosine", {}))):
             return False
         fit = m.get("fit")
-        if fit:  # the fit veto: plain figures on samples the passes fitted to
-            if sp.min_top1_agreement is not None and fit.get("top1_agreement", 1.0) < sp.min_top1_agreement:
-                return False
-            if sp.min_cosine is not None and any(c < sp.cosine_floor(n) for n, c in fit.get("cosine", {}).items()):
-                return False
-        return True
+        return not fit or self._holds(fit.get("top1_agreement"), None, fit.get("cosine", {}))
+
+    def _holds(self, agree: float | None, drop: float | None, cos: dict) -> bool:
+        sp = self.spec
+        if sp.min_top1_agreement is not None and agree is not None and agree < sp.min_top1_agreement:
+            return False
+        if sp.max_accuracy_drop is not None and drop is not None and drop > sp.max_accuracy_drop:
+            return False
+        return not (sp.min_cosine is not None and any(c < sp.cosine_floor(n) for n, c in cos.items()))
 
     def describe(self) -> dict:
         sp = self.spec

@@ -2,8 +2,8 @@
 the [groups, output rows, inputs] layout it works in.
 
 A layer gets it when its input second moment H (`calib.gram`) is small enough to hold: d = C/group x prod(kernel)
-inputs per output row, d <= max_dim (d x d float64 per group). 1-D and 2-D Conv (explicit pads or auto_pad VALID),
-Gemm and MatMul; anything else keeps round-to-nearest, and the pass reports which layers did.
+inputs per output row, d <= max_dim (d x d float64 per group). 1-D and 2-D Conv (explicit pads or auto_pad
+VALID), Gemm and MatMul; anything else keeps round-to-nearest, and the pass reports which layers did.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def gram_specs(model: onnx.ModelProto, layers: list[Layer], *, max_dim: int = 20
             out[L.name] = GramSpec(L.input, "rows")
             continue
         k = tuple(int(v) for v in L.w_shape[2:])
-        if len(k) not in (1, 2) or attr(n, "auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+        if len(k) not in (1, 2) or attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
             continue
         nd = len(k)
         pads = tuple(int(v) for v in (attr(n, "pads", None) or [0] * 2 * nd))

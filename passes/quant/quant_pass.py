@@ -8,7 +8,8 @@ latency costs come from ctx.target_probe.layer_latency_table (measured on the ta
 from a MAC proxy (int8 = 0.5x fp32 per MAC), which the stats say -> emit Q/DQ (passes.quant.qdq) with bias
 correction; integer weights round to nearest, or with `rounding: gptq` by error compensation against each layer's
 input second moment H = sum x x^T on fit samples (calib.gram, calib.rounding: minimises ||(W_q - W) X||^2 with the
-scales unchanged; sensitivity trials keep round-to-nearest) -> with a probe, re-measure the whole model and tighten the latency budget until it is met ->
+scales unchanged; sensitivity trials keep round-to-nearest) -> with a probe, re-measure the whole model and tighten
+the latency budget until it is met ->
 fidelity floor (the recipe's fidelity policy, or the pass's own floor options without one; measured on the validate
 split, passes/floor.py): promote layers (with a budget: the most sensitivity removed per unit of budget spent;
 without: the most sensitive, measured for this) until the floor holds; never return a model below it -> kernel
